@@ -1,0 +1,15 @@
+//! update-agent: streams signed OS images into the inactive A/B slot, flips the boot flags
+//! crash-safely, and rolls back when the new system fails its health checks.
+//!
+//! The flow runs one way: `config` -> `cli` -> `fetch` -> `updater_proto` verification ->
+//! policy -> `install` -> `boot` -> reboot -> health -> commit or rollback.
+//! See `docs/ARCHITECTURE.md` for the code map and the invariants.
+
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod disk;
+pub mod fetch;
+pub mod install;
+pub mod publish;
+pub mod state;

@@ -1,0 +1,1 @@
+//! server-mock: a real HTTP server for tests, demos and staging.
