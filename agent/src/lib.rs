@@ -11,5 +11,7 @@ pub mod config;
 pub mod disk;
 pub mod fetch;
 pub mod install;
+pub mod policy;
 pub mod publish;
+pub mod sandbox;
 pub mod state;

@@ -1,1 +1,87 @@
-//! (module under construction)
+//! The command line: parse, call the library, print. No logic of its own beyond presentation.
+
+pub mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A/B partition atomic update agent.
+#[derive(Debug, Parser)]
+#[command(name = "update-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// Main configuration file (drop-ins in config.d/ directories are merged too).
+    #[arg(long, global = true, env = "UPDATE_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log level filter for diagnostics on stderr (e.g. `info`, `update_agent=debug`).
+    #[arg(long, global = true, env = "UPDATE_AGENT_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the slots, their boot flags, which slot is booted, which boots next and why.
+    Status,
+    /// Fetch and verify the manifest and say what `apply` would do, without changing anything.
+    Check(ManifestArgs),
+    /// Install the update into the inactive slot and stage it for the next boot.
+    Apply(ApplyArgs),
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run the whole job in a self-contained sandbox: a GPT disk image file, keys, a signed
+    /// update served over loopback, reboots through the boot simulator.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ManifestArgs {
+    /// Manifest URL or local file (default: the configured server's manifest URL).
+    #[arg(long)]
+    pub manifest: Option<String>,
+    /// Install even if the version is not newer than the running one.
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// Install even a version this host rolled back from (it is on the local denylist).
+    #[arg(long)]
+    pub allow_denylisted: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// Reboot into the new slot when it is staged.
+    #[arg(long, conflicts_with = "no_reboot")]
+    pub reboot: bool,
+    /// Do not reboot (the default); the new slot boots at the next reboot.
+    #[arg(long)]
+    pub no_reboot: bool,
+    /// Skip the read-back verification after writing (faster, less safe).
+    #[arg(long)]
+    pub no_readback: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the merged configuration (main file and drop-ins) as TOML.
+    Show,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Work in this directory instead of a fresh temporary one (it is kept afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Disk layout of the sandbox: flatcar, chromeos or bottlerocket.
+    #[arg(long, default_value = "flatcar")]
+    pub layout: String,
+    /// Boot-control backend: gptprio or grubenv.
+    #[arg(long, default_value = "gptprio")]
+    pub backend: String,
+}
