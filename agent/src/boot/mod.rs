@@ -1,9 +1,17 @@
 //! Boot control: which slot boots next, trial boots, commit and rollback.
 //!
-//! One trait, [`BootControl`], with a backend per mechanism (`gptprio`, `grubenv`).
+//! One trait, [`BootControl`], with a backend per mechanism (`gptprio`, `grubenv`), and a
+//! simulator of each loader's choice (`sim`, `sim_grub`) for tests and the demo.
 
+pub mod gptprio;
+pub mod grubenv;
+pub mod sim;
+pub mod sim_grub;
+
+use crate::disk::{ResolvedSlots, SlotError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use uuid::Uuid;
 
 /// One of the two A/B slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -68,6 +76,13 @@ pub enum BootError {
     Refused(String),
     #[error("{0}")]
     Disk(String),
+    /// The partition table or the slots on it (no GPT, corrupt copies, missing labels...).
+    #[error("disk {disk}: {source}")]
+    Table {
+        disk: String,
+        #[source]
+        source: SlotError,
+    },
 }
 
 impl BootError {
@@ -78,6 +93,7 @@ impl BootError {
             BootError::Inconsistent(_) => "boot_inconsistent",
             BootError::Refused(_) => "boot_refused",
             BootError::Disk(_) => "boot_disk",
+            BootError::Table { source, .. } => source.kind(),
         }
     }
 }
@@ -100,4 +116,32 @@ pub trait BootControl {
     fn rollback(&mut self, to: SlotId) -> Result<(), BootError>;
     /// Undo a stage of `slot` before the reboot; the other slot boots next again.
     fn cancel(&mut self, slot: SlotId) -> Result<(), BootError>;
+}
+
+/// Which slot the running system booted from, judged by the kernel command line: any
+/// `PARTUUID=<guid>` in it (`root=`, `mount.usr=`, `usr=`, `verity.usr=`, dm-verity tables,
+/// ChromeOS' `PARTUUID=<kernel>/PARTNROFF=1`) is matched against the unique GUIDs of both
+/// slots' partitions. `None` when nothing matches or the matches disagree.
+pub fn booted_slot(cmdline: &str, slots: &ResolvedSlots) -> Option<SlotId> {
+    const KEY: &str = "partuuid=";
+    let lower = cmdline.to_ascii_lowercase();
+    let mut found: Option<SlotId> = None;
+    for (at, _) in lower.match_indices(KEY) {
+        let start = at + KEY.len();
+        let Some(text) = lower.get(start..start + 36) else {
+            continue;
+        };
+        let Ok(guid) = Uuid::parse_str(text) else {
+            continue;
+        };
+        for slot in [&slots.a, &slots.b] {
+            if slot.has_guid(guid) {
+                match found {
+                    Some(prev) if prev != slot.id => return None,
+                    _ => found = Some(slot.id),
+                }
+            }
+        }
+    }
+    found
 }
