@@ -1,0 +1,497 @@
+//! The manifest, schema version 1: what the publisher signs and the agent installs.
+//!
+//! Unknown fields are rejected (`deny_unknown_fields`): a misspelt security field (say
+//! `min_running_versoin`) must not be silently ignored. Additions that old agents must not
+//! misread go into a new `schema_version`; see `docs/manifest.md`.
+
+use std::collections::BTreeSet;
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::{Wave, SEED_SPACE};
+
+/// The only schema version this crate understands.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Upper bound on the number of image entries (one per partition role of a slot).
+pub const MAX_IMAGES: usize = 16;
+/// Upper bound on the number of rollout waves.
+pub const MAX_WAVES: usize = 64;
+/// Upper bound on the length of an image URL.
+pub const MAX_URL_LEN: usize = 512;
+
+/// A signed description of one release for one product on one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`SCHEMA_VERSION`] for this crate.
+    pub schema_version: u32,
+    /// Product/board compatibility string; the agent installs only its own product.
+    pub product: String,
+    /// Release channel, e.g. `stable` or `beta`.
+    pub channel: String,
+    /// Version of the OS image this manifest installs.
+    pub version: Version,
+    /// Per-channel counter that only grows from one published manifest to the next; the
+    /// agent persists the highest one seen and refuses anything lower (rollback attack).
+    pub serial: u64,
+    /// Issue time, Unix seconds (UTC).
+    pub issued_at: i64,
+    /// Expiry, Unix seconds (UTC): after this the manifest is refused (freeze attack).
+    pub expires_at: i64,
+    /// Hosts running a version below this must first install an intermediate release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_running_version: Option<Version>,
+    /// Staged rollout; empty means every host is eligible at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
+    /// One entry per partition role of a slot (`root`, or `boot`+`root`+`verity`).
+    pub images: Vec<ImageEntry>,
+}
+
+/// One partition image of the release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageEntry {
+    /// Partition role inside a slot, e.g. `root`; unique within a manifest.
+    pub role: String,
+    /// Location of the (possibly compressed) image, relative to the manifest's URL.
+    pub url: String,
+    /// Size in bytes of the decompressed image, as written to the partition.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the decompressed image.
+    pub sha256: String,
+    /// How the bytes at `url` are encoded.
+    pub compression: Compression,
+    /// Size in bytes of the file at `url`.
+    pub compressed_size: u64,
+    /// Lower-case hex SHA-256 of the file at `url`, so bad bytes are caught before decoding.
+    pub compressed_sha256: String,
+}
+
+/// Encoding of an image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Stored as is: `compressed_*` equal the plain `size`/`sha256`.
+    None,
+    /// A zstd frame.
+    Zstd,
+}
+
+impl Compression {
+    /// The name used in manifests and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?} (expected \"none\" or \"zstd\")"
+            )),
+        }
+    }
+}
+
+/// A manifest that parsed but breaks a rule of the schema; `field` is the JSON path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("manifest field `{field}`: {problem}")]
+pub struct SchemaError {
+    /// JSON path of the offending field, e.g. `images[1].sha256`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+fn schema_err(field: impl Into<String>, problem: impl Into<String>) -> SchemaError {
+    SchemaError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// `[A-Za-z0-9._-]`, 1..=max characters: names that are safe in logs, paths and URLs.
+fn check_name(field: &str, value: &str, max: usize) -> Result<(), SchemaError> {
+    if value.is_empty() || value.len() > max {
+        return Err(schema_err(
+            field,
+            format!("must be 1 to {max} characters, got {}", value.len()),
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(schema_err(
+            field,
+            format!("character {c:?} not allowed (use A-Z a-z 0-9 . _ -)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_sha256_hex(field: &str, value: &str) -> Result<(), SchemaError> {
+    if value.len() != 64
+        || !value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(schema_err(
+            field,
+            "must be 64 lower-case hex characters (a SHA-256 digest)",
+        ));
+    }
+    Ok(())
+}
+
+/// A relative URL made only of `/`-separated segments of `[A-Za-z0-9._-]`, none of them
+/// `.` or `..`: no scheme, no host, no query, no escapes, cannot leave the manifest's directory.
+fn check_relative_url(field: &str, url: &str) -> Result<(), SchemaError> {
+    if url.is_empty() || url.len() > MAX_URL_LEN {
+        return Err(schema_err(
+            field,
+            format!("must be 1 to {MAX_URL_LEN} characters"),
+        ));
+    }
+    for segment in url.split('/') {
+        if segment.is_empty() {
+            return Err(schema_err(
+                field,
+                format!("{url:?} has an empty path segment (leading, trailing or double `/`)"),
+            ));
+        }
+        if segment == "." || segment == ".." {
+            return Err(schema_err(
+                field,
+                format!(
+                    "{url:?} contains a `{segment}` segment; URLs must stay below the manifest"
+                ),
+            ));
+        }
+        if let Some(c) = segment
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(schema_err(
+                field,
+                format!(
+                    "{url:?} contains {c:?}; only a relative path of A-Z a-z 0-9 . _ - and / is allowed"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Check every rule that serde's types cannot express. Field names in errors are JSON paths.
+    pub fn validate(&self) -> Result<(), SchemaError> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(schema_err(
+                "schema_version",
+                format!("must be {SCHEMA_VERSION}, got {}", self.schema_version),
+            ));
+        }
+        check_name("product", &self.product, 64)?;
+        check_name("channel", &self.channel, 64)?;
+        if self.expires_at <= self.issued_at {
+            return Err(schema_err(
+                "expires_at",
+                format!(
+                    "must be after issued_at ({}), got {}",
+                    self.issued_at, self.expires_at
+                ),
+            ));
+        }
+        if let Some(min) = &self.min_running_version {
+            if *min > self.version {
+                return Err(schema_err(
+                    "min_running_version",
+                    format!("{min} is above the release's own version {}", self.version),
+                ));
+            }
+        }
+        self.validate_waves()?;
+        self.validate_images()
+    }
+
+    fn validate_waves(&self) -> Result<(), SchemaError> {
+        if self.waves.len() > MAX_WAVES {
+            return Err(schema_err(
+                "waves",
+                format!("at most {MAX_WAVES} waves, got {}", self.waves.len()),
+            ));
+        }
+        let mut prev: Option<&Wave> = None;
+        for (i, wave) in self.waves.iter().enumerate() {
+            if wave.seed_bound == 0 || wave.seed_bound > SEED_SPACE {
+                return Err(schema_err(
+                    format!("waves[{i}].seed_bound"),
+                    format!("must be in 1..={SEED_SPACE}, got {}", wave.seed_bound),
+                ));
+            }
+            if let Some(p) = prev {
+                if wave.seed_bound <= p.seed_bound {
+                    return Err(schema_err(
+                        format!("waves[{i}].seed_bound"),
+                        format!(
+                            "must be above the previous wave's bound {}, got {}",
+                            p.seed_bound, wave.seed_bound
+                        ),
+                    ));
+                }
+                if wave.start < p.start {
+                    return Err(schema_err(
+                        format!("waves[{i}].start"),
+                        format!(
+                            "must not be before the previous wave's start {}, got {}",
+                            p.start, wave.start
+                        ),
+                    ));
+                }
+            }
+            prev = Some(wave);
+        }
+        Ok(())
+    }
+
+    fn validate_images(&self) -> Result<(), SchemaError> {
+        if self.images.is_empty() {
+            return Err(schema_err("images", "at least one image entry is required"));
+        }
+        if self.images.len() > MAX_IMAGES {
+            return Err(schema_err(
+                "images",
+                format!("at most {MAX_IMAGES} entries, got {}", self.images.len()),
+            ));
+        }
+        let mut roles = BTreeSet::new();
+        for (i, image) in self.images.iter().enumerate() {
+            image.validate_at(&format!("images[{i}]"))?;
+            if !roles.insert(image.role.as_str()) {
+                return Err(schema_err(
+                    format!("images[{i}].role"),
+                    format!("role {:?} appears more than once", image.role),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The image entry for a partition role, if the release has one.
+    pub fn image(&self, role: &str) -> Option<&ImageEntry> {
+        self.images.iter().find(|i| i.role == role)
+    }
+
+    /// Whether a host running `running` may install this release directly.
+    pub fn allows_upgrade_from(&self, running: &Version) -> bool {
+        self.min_running_version
+            .as_ref()
+            .is_none_or(|min| running >= min)
+    }
+
+    /// The exact payload bytes that get signed: compact JSON.
+    pub fn to_payload(&self) -> Vec<u8> {
+        // Serializing plain structs of strings and integers into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl ImageEntry {
+    /// Validate one entry; `at` is its JSON path (e.g. `images[0]`) for error messages.
+    pub fn validate_at(&self, at: &str) -> Result<(), SchemaError> {
+        check_name(&format!("{at}.role"), &self.role, 32)?;
+        check_relative_url(&format!("{at}.url"), &self.url)?;
+        if self.size == 0 {
+            return Err(schema_err(format!("{at}.size"), "must be greater than 0"));
+        }
+        if self.compressed_size == 0 {
+            return Err(schema_err(
+                format!("{at}.compressed_size"),
+                "must be greater than 0",
+            ));
+        }
+        check_sha256_hex(&format!("{at}.sha256"), &self.sha256)?;
+        check_sha256_hex(&format!("{at}.compressed_sha256"), &self.compressed_sha256)?;
+        if self.compression == Compression::None {
+            if self.compressed_size != self.size {
+                return Err(schema_err(
+                    format!("{at}.compressed_size"),
+                    "must equal size when compression is \"none\"",
+                ));
+            }
+            if self.compressed_sha256 != self.sha256 {
+                return Err(schema_err(
+                    format!("{at}.compressed_sha256"),
+                    "must equal sha256 when compression is \"none\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    pub(crate) fn entry(role: &str) -> ImageEntry {
+        ImageEntry {
+            role: role.into(),
+            url: format!("images/{role}.img.zst"),
+            size: 4096,
+            sha256: "a".repeat(64),
+            compression: Compression::Zstd,
+            compressed_size: 100,
+            compressed_sha256: "b".repeat(64),
+        }
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            schema_version: 1,
+            product: "acme-edge".into(),
+            channel: "stable".into(),
+            version: Version::new(1, 2, 3),
+            serial: 5,
+            issued_at: 1000,
+            expires_at: 2000,
+            min_running_version: None,
+            waves: vec![],
+            images: vec![entry("root")],
+        }
+    }
+
+    fn field_of(m: &Manifest) -> String {
+        m.validate().unwrap_err().field
+    }
+
+    #[test]
+    fn valid_manifest_passes_and_round_trips() {
+        let m = manifest();
+        m.validate().unwrap();
+        let back: Manifest = serde_json::from_slice(&m.to_payload()).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn urls_must_stay_relative_and_plain() {
+        for bad in [
+            "https://evil/x",
+            "/abs",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a/",
+            "",
+            "a?b",
+            "a%2e",
+            "a\\b",
+            ".",
+        ] {
+            let mut m = manifest();
+            m.images[0].url = bad.into();
+            assert_eq!(field_of(&m), "images[0].url", "{bad:?} accepted");
+        }
+        let mut m = manifest();
+        m.images[0].url = "v1.2.3/root-0123.img.zst".into();
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let mut m = manifest();
+        m.images.push(entry("root"));
+        assert_eq!(field_of(&m), "images[1].role");
+
+        let mut m = manifest();
+        m.images[0].sha256 = "A".repeat(64);
+        assert_eq!(field_of(&m), "images[0].sha256");
+
+        let mut m = manifest();
+        m.images[0].compressed_sha256 = "ab".into();
+        assert_eq!(field_of(&m), "images[0].compressed_sha256");
+
+        let mut m = manifest();
+        m.images[0].size = 0;
+        assert_eq!(field_of(&m), "images[0].size");
+
+        let mut m = manifest();
+        m.images[0].compression = Compression::None;
+        assert_eq!(field_of(&m), "images[0].compressed_size");
+
+        let mut m = manifest();
+        m.images.clear();
+        assert_eq!(field_of(&m), "images");
+
+        let mut m = manifest();
+        m.expires_at = m.issued_at;
+        assert_eq!(field_of(&m), "expires_at");
+
+        let mut m = manifest();
+        m.product = "acme edge".into();
+        assert_eq!(field_of(&m), "product");
+
+        let mut m = manifest();
+        m.min_running_version = Some(Version::new(2, 0, 0));
+        assert_eq!(field_of(&m), "min_running_version");
+
+        let mut m = manifest();
+        m.waves = vec![
+            Wave {
+                seed_bound: 100,
+                start: 10,
+            },
+            Wave {
+                seed_bound: 100,
+                start: 20,
+            },
+        ];
+        assert_eq!(field_of(&m), "waves[1].seed_bound");
+
+        let mut m = manifest();
+        m.waves = vec![
+            Wave {
+                seed_bound: 100,
+                start: 30,
+            },
+            Wave {
+                seed_bound: 200,
+                start: 20,
+            },
+        ];
+        assert_eq!(field_of(&m), "waves[1].start");
+
+        let mut m = manifest();
+        m.waves = vec![Wave {
+            seed_bound: SEED_SPACE + 1,
+            start: 0,
+        }];
+        assert_eq!(field_of(&m), "waves[0].seed_bound");
+    }
+
+    #[test]
+    fn min_running_version_gates_direct_upgrades() {
+        let mut m = manifest();
+        assert!(m.allows_upgrade_from(&Version::new(0, 1, 0)));
+        m.min_running_version = Some(Version::new(1, 0, 0));
+        assert!(!m.allows_upgrade_from(&Version::new(0, 9, 9)));
+        assert!(m.allows_upgrade_from(&Version::new(1, 0, 0)));
+    }
+}
