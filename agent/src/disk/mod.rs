@@ -6,6 +6,7 @@
 pub mod recording;
 pub mod slots;
 pub mod table;
+pub mod testimg;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
