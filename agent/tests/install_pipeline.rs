@@ -1,0 +1,985 @@
+//! The install pipeline on real files: raw and zstd images, every failure mode leaves the slot
+//! disabled and the bytes outside the target partition untouched, resume, backpressure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use update_agent::boot::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
+use update_agent::disk::BlockDevice;
+use update_agent::install::{
+    install, BytesSource, ChunkFuture, Compression, ImageSource, InstallError, InstallOptions,
+    InstallPlan, NoResume, Phase, ProgressEvent, Readback, ReadbackMethod, ResumeRecord,
+    SourceChunk, SourceError, TargetImage,
+};
+
+const MIB: u64 = 1 << 20;
+/// Disk layout: A at 1 MiB, B right after, each `PART` long, 1 MiB spare at the end.
+const PART: u64 = 8 * MIB;
+const A_OFF: u64 = MIB;
+const B_OFF: u64 = A_OFF + PART;
+const DISK: u64 = B_OFF + PART + MIB;
+
+/// Shared log of boot-flag changes and disk writes, to check their order.
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// A disk image file with an optional fault: corrupt the bytes it stores.
+struct TestDisk {
+    file: File,
+    size: u64,
+    log: Log,
+    /// Largest end offset ever written.
+    max_end: Arc<AtomicU64>,
+    /// Smallest offset ever written.
+    min_off: Arc<AtomicU64>,
+    corrupt_writes: bool,
+    written: Arc<AtomicU64>,
+    slow: bool,
+}
+
+impl BlockDevice for TestDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        {
+            let mut log = self.log.lock().unwrap();
+            if log.last().map(String::as_str) != Some("write") {
+                log.push("write".into());
+            }
+        }
+        self.max_end
+            .fetch_max(offset + buf.len() as u64, Ordering::SeqCst);
+        self.min_off.fetch_min(offset, Ordering::SeqCst);
+        if self.slow {
+            // Make the disk the bottleneck so the download runs ahead as far as it can.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if self.corrupt_writes {
+            let mut bad = buf.to_vec();
+            bad[buf.len() / 2] ^= 0x5a;
+            self.file.write_all_at(&bad, offset)?;
+        } else {
+            self.file.write_all_at(buf, offset)?;
+        }
+        self.written.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Boot control double: records disable/stage and reports a slot disabled until staged.
+struct FakeBoot {
+    log: Log,
+    disabled: Vec<SlotId>,
+}
+
+impl BootControl for FakeBoot {
+    fn backend(&self) -> &'static str {
+        "fake"
+    }
+    fn status(&mut self) -> Result<BootStatus, BootError> {
+        let slots = [SlotId::A, SlotId::B]
+            .into_iter()
+            .map(|s| SlotStatus {
+                slot: s,
+                priority: if self.disabled.contains(&s) { 0 } else { 1 },
+                tries: 0,
+                successful: !self.disabled.contains(&s),
+            })
+            .collect();
+        Ok(BootStatus {
+            backend: "fake".into(),
+            slots,
+            next: Some(SlotId::A),
+            reason: String::new(),
+        })
+    }
+    fn disable(&mut self, slot: SlotId) -> Result<(), BootError> {
+        self.log.lock().unwrap().push(format!("disable {slot}"));
+        self.disabled.push(slot);
+        Ok(())
+    }
+    fn stage(&mut self, slot: SlotId) -> Result<(), BootError> {
+        self.log.lock().unwrap().push(format!("stage {slot}"));
+        self.disabled.retain(|s| *s != slot);
+        Ok(())
+    }
+    fn commit(&mut self, _: SlotId) -> Result<(), BootError> {
+        Ok(())
+    }
+    fn rollback(&mut self, _: SlotId) -> Result<(), BootError> {
+        Ok(())
+    }
+    fn cancel(&mut self, _: SlotId) -> Result<(), BootError> {
+        Ok(())
+    }
+}
+
+impl FakeBoot {
+    fn slot_bootable(&mut self, slot: SlotId) -> bool {
+        let st = self.status().unwrap();
+        let s = st.slots.iter().find(|s| s.slot == slot).unwrap();
+        s.priority > 0 && (s.tries > 0 || s.successful)
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures are reproducible.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Compressible bytes: text-like repetition with some noise.
+fn compressible(len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    let mut i = 0u64;
+    while v.len() < len {
+        v.extend_from_slice(format!("line {i:08} of a filesystem image\n").as_bytes());
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref());
+    out
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    log: Log,
+    max_end: Arc<AtomicU64>,
+    min_off: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+    boot: FakeBoot,
+    before: Vec<u8>,
+}
+
+impl Env {
+    /// A disk whose every byte is noise: slot A holds "the running system".
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let before = noise(DISK as usize, 42);
+        std::fs::write(&path, &before).unwrap();
+        let log: Log = Arc::default();
+        Env {
+            _dir: dir,
+            path,
+            boot: FakeBoot {
+                log: log.clone(),
+                disabled: Vec::new(),
+            },
+            log,
+            max_end: Arc::new(AtomicU64::new(0)),
+            min_off: Arc::new(AtomicU64::new(u64::MAX)),
+            written: Arc::new(AtomicU64::new(0)),
+            before,
+        }
+    }
+
+    fn device(&self, corrupt_writes: bool, slow: bool) -> Arc<Mutex<dyn BlockDevice>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .unwrap();
+        Arc::new(Mutex::new(TestDisk {
+            file,
+            size: DISK,
+            log: self.log.clone(),
+            max_end: self.max_end.clone(),
+            min_off: self.min_off.clone(),
+            corrupt_writes,
+            written: self.written.clone(),
+            slow,
+        }))
+    }
+
+    fn disk(&self) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap()
+    }
+
+    /// Everything outside B's partition is byte-identical to before.
+    fn assert_outside_b_untouched(&self) {
+        let now = self.disk();
+        let (b0, b1) = (B_OFF as usize, (B_OFF + PART) as usize);
+        assert!(
+            now[..b0] == self.before[..b0],
+            "bytes before slot B changed"
+        );
+        assert!(now[b1..] == self.before[b1..], "bytes after slot B changed");
+        if self.written.load(Ordering::SeqCst) > 0 {
+            assert!(self.min_off.load(Ordering::SeqCst) >= B_OFF);
+            assert!(self.max_end.load(Ordering::SeqCst) <= B_OFF + PART);
+        }
+    }
+
+    fn assert_disabled_before_first_write(&self) {
+        let log = self.log.lock().unwrap();
+        assert_eq!(
+            log.first().map(String::as_str),
+            Some("disable B"),
+            "{log:?}"
+        );
+        assert!(!log.iter().any(|l| l.starts_with("stage")), "{log:?}");
+    }
+}
+
+fn raw_target(image: &[u8], source: Box<dyn ImageSource>) -> TargetImage {
+    TargetImage {
+        role: "root".into(),
+        part_offset: B_OFF,
+        part_len: PART,
+        expected_size: image.len() as u64,
+        expected_sha256: sha(image),
+        compression: Compression::None,
+        compressed_size: image.len() as u64,
+        compressed_sha256: None,
+        source,
+        resume: None,
+    }
+}
+
+fn zstd_target(image: &[u8], wire: &[u8], chunk: usize) -> TargetImage {
+    TargetImage {
+        role: "root".into(),
+        part_offset: B_OFF,
+        part_len: PART,
+        expected_size: image.len() as u64,
+        expected_sha256: sha(image),
+        compression: Compression::Zstd,
+        compressed_size: wire.len() as u64,
+        compressed_sha256: Some(sha(wire)),
+        source: Box::new(BytesSource::new("mem://root.zst", wire.to_vec(), chunk)),
+        resume: None,
+    }
+}
+
+fn plan(targets: Vec<TargetImage>) -> InstallPlan {
+    InstallPlan {
+        slot: SlotId::B,
+        device: "disk.img".into(),
+        targets,
+    }
+}
+
+fn small_opts(readback: Readback) -> InstallOptions {
+    InstallOptions {
+        buffer_size: 256 << 10,
+        channel_capacity: 2,
+        checkpoint_bytes: MIB,
+        readback,
+        ..InstallOptions::default()
+    }
+}
+
+async fn run(
+    env: &mut Env,
+    p: InstallPlan,
+    opts: &InstallOptions,
+    corrupt: bool,
+) -> (
+    Result<update_agent::install::InstallReport, InstallError>,
+    Vec<ProgressEvent>,
+    Vec<ResumeRecord>,
+) {
+    let dev = env.device(corrupt, false);
+    let mut events = Vec::new();
+    let mut records: Vec<ResumeRecord> = Vec::new();
+    let r = install(p, dev, &mut env.boot, opts, &mut records, &mut |e| {
+        events.push(e)
+    })
+    .await;
+    (r, events, records)
+}
+
+#[tokio::test]
+async fn raw_image_is_written_flushed_and_read_back_uncached() {
+    let mut env = Env::new();
+    let image = noise((5 * MIB + 4096 + 100) as usize, 7);
+    let src = BytesSource::new("mem://root.img", image.clone(), 100_000);
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, events, records) = run(
+        &mut env,
+        plan(vec![raw_target(&image, Box::new(src))]),
+        &opts,
+        false,
+    )
+    .await;
+    let report = r.unwrap();
+    let t = &report.targets[0];
+    assert_eq!(
+        t.readback,
+        Some(ReadbackMethod::Direct),
+        "ext4 takes O_DIRECT"
+    );
+    assert_eq!(t.bytes_written, image.len() as u64);
+    assert_eq!(t.sha256, hex::encode(sha(&image)));
+    let disk = env.disk();
+    let b = B_OFF as usize;
+    assert!(disk[b..b + image.len()] == image[..]);
+    // The partition tail beyond the image is left as it was.
+    assert!(
+        disk[b + image.len()..(B_OFF + PART) as usize]
+            == env.before[b + image.len()..(B_OFF + PART) as usize]
+    );
+    env.assert_outside_b_untouched();
+    env.assert_disabled_before_first_write();
+    assert!(!env.boot.slot_bootable(SlotId::B), "install never stages");
+    // Progress: monotonic writing, then flush, verify, done; totals right.
+    assert_eq!(events[0].phase, Phase::Disabled);
+    let writing: Vec<u64> = events
+        .iter()
+        .filter(|e| e.phase == Phase::Writing)
+        .map(|e| e.done)
+        .collect();
+    assert!(writing.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(*writing.last().unwrap(), image.len() as u64);
+    assert!(events.iter().any(|e| e.phase == Phase::Verifying));
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.phase, last.done, last.total),
+        (Phase::Done, image.len() as u64, image.len() as u64)
+    );
+    // Checkpoints every MiB, then one complete record.
+    let cps: Vec<u64> = records.iter().map(|r| r.written).collect();
+    assert_eq!(
+        cps,
+        vec![MIB, 2 * MIB, 3 * MIB, 4 * MIB, 5 * MIB, image.len() as u64]
+    );
+    assert!(records.last().unwrap().complete && records.iter().all(|r| r.resumable));
+}
+
+#[tokio::test]
+async fn zstd_image_is_decompressed_hashed_and_written() {
+    let mut env = Env::new();
+    let image = compressible((6 * MIB + 333) as usize);
+    let wire = zstd::encode_all(&image[..], 3).unwrap();
+    assert!(wire.len() < image.len() / 4);
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, records) = run(
+        &mut env,
+        plan(vec![zstd_target(&image, &wire, 7000)]),
+        &opts,
+        false,
+    )
+    .await;
+    let t = &r.unwrap().targets[0];
+    assert_eq!(t.bytes_fetched, wire.len() as u64);
+    assert_eq!(t.bytes_written, image.len() as u64);
+    let disk = env.disk();
+    assert!(disk[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+    env.assert_outside_b_untouched();
+    env.assert_disabled_before_first_write();
+    assert!(records.iter().all(|r| !r.resumable), "zstd restarts from 0");
+}
+
+#[tokio::test]
+async fn two_targets_go_to_their_own_partitions() {
+    let mut env = Env::new();
+    let boot_img = noise((MIB / 2) as usize, 3);
+    let root_img = compressible((3 * MIB) as usize);
+    let wire = zstd::encode_all(&root_img[..], 1).unwrap();
+    let mut boot_t = raw_target(
+        &boot_img,
+        Box::new(BytesSource::new("boot", boot_img.clone(), 4096)),
+    );
+    boot_t.role = "boot".into();
+    boot_t.part_len = MIB;
+    let mut root_t = zstd_target(&root_img, &wire, 65536);
+    root_t.part_offset = B_OFF + MIB;
+    root_t.part_len = PART - MIB;
+    let (r, _, _) = run(
+        &mut env,
+        plan(vec![boot_t, root_t]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    let report = r.unwrap();
+    assert_eq!(report.targets.len(), 2);
+    let disk = env.disk();
+    let b = B_OFF as usize;
+    assert!(disk[b..b + boot_img.len()] == boot_img[..]);
+    assert!(disk[b + MIB as usize..b + MIB as usize + root_img.len()] == root_img[..]);
+    env.assert_outside_b_untouched();
+}
+
+#[tokio::test]
+async fn image_larger_than_partition_is_refused_before_anything_changes() {
+    let mut env = Env::new();
+    let image = noise((PART + 512) as usize, 1);
+    let src = BytesSource::new("big", image.clone(), 65536);
+    let (r, events, _) = run(
+        &mut env,
+        plan(vec![raw_target(&image, Box::new(src))]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), "too_large_for_partition", "{e}");
+    assert!(
+        e.to_string().contains("root") && e.to_string().contains(&PART.to_string()),
+        "{e}"
+    );
+    assert!(
+        env.log.lock().unwrap().is_empty(),
+        "neither disabled nor written"
+    );
+    assert!(events.is_empty());
+    assert_eq!(env.disk(), env.before);
+}
+
+#[tokio::test]
+async fn invalid_plans_are_refused_before_anything_changes() {
+    let mut env = Env::new();
+    let image = noise(4096, 1);
+    let mut beyond = raw_target(&image, Box::new(BytesSource::new("x", image.clone(), 4096)));
+    beyond.part_offset = DISK - 4096;
+    beyond.part_len = 8192;
+    let (r, _, _) = run(
+        &mut env,
+        plan(vec![beyond]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    assert_eq!(r.unwrap_err().kind(), "invalid_plan");
+    let t1 = raw_target(&image, Box::new(BytesSource::new("x", image.clone(), 4096)));
+    let mut t2 = raw_target(&image, Box::new(BytesSource::new("y", image.clone(), 4096)));
+    t2.part_offset = B_OFF + 4096;
+    let (r, _, _) = run(
+        &mut env,
+        plan(vec![t1, t2]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), "invalid_plan");
+    assert!(e.to_string().contains("overlaps"), "{e}");
+    assert!(env.log.lock().unwrap().is_empty());
+    assert_eq!(env.disk(), env.before);
+}
+
+/// Run a plan expected to fail with `kind`; check the slot stays disabled and nothing outside
+/// B changed.
+async fn expect_failure(
+    p: InstallPlan,
+    opts: &InstallOptions,
+    corrupt: bool,
+    kind: &str,
+) -> (Env, InstallError) {
+    let mut env = Env::new();
+    let (r, _, records) = run(&mut env, p, opts, corrupt).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), kind, "{e}");
+    assert!(
+        !env.boot.slot_bootable(SlotId::B),
+        "slot B must stay disabled"
+    );
+    env.assert_disabled_before_first_write();
+    env.assert_outside_b_untouched();
+    assert!(
+        records.iter().all(|r| !r.complete),
+        "no complete record after a failure"
+    );
+    (env, e)
+}
+
+#[tokio::test]
+async fn stream_longer_than_declared_is_stopped() {
+    let image = noise((2 * MIB) as usize, 5);
+    let mut longer = image.clone();
+    longer.extend_from_slice(&noise(10_000, 6));
+    let t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://long", longer, 50_000)),
+    );
+    let (env, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "size_mismatch",
+    )
+    .await;
+    assert!(e.to_string().contains("longer"), "{e}");
+    assert!(env.max_end.load(Ordering::SeqCst) <= B_OFF + image.len() as u64);
+}
+
+#[tokio::test]
+async fn stream_shorter_than_declared_is_stopped() {
+    let image = noise((2 * MIB) as usize, 5);
+    let t = raw_target(
+        &image,
+        Box::new(BytesSource::new(
+            "mem://short",
+            image[..image.len() - 1].to_vec(),
+            50_000,
+        )),
+    );
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "size_mismatch",
+    )
+    .await;
+    assert!(
+        e.to_string().contains("shorter") && e.to_string().contains("mem://short"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn zstd_stream_decompressing_past_declared_size_is_stopped_before_writing_past_it() {
+    let image = compressible((4 * MIB) as usize);
+    let wire = zstd::encode_all(&image[..], 3).unwrap();
+    let declared = 3 * MIB + 17;
+    let mut t = zstd_target(&image, &wire, 8192);
+    t.expected_size = declared;
+    let (env, _) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "decompressed_too_long",
+    )
+    .await;
+    assert!(env.max_end.load(Ordering::SeqCst) <= B_OFF + declared);
+}
+
+#[tokio::test]
+async fn zstd_truncated_frame_is_refused() {
+    let image = compressible((2 * MIB) as usize);
+    let wire = zstd::encode_all(&image[..], 3).unwrap();
+    let cut = &wire[..wire.len() - 20];
+    let mut t = zstd_target(&image, cut, 8192);
+    t.compressed_sha256 = None;
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "decompress",
+    )
+    .await;
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+#[tokio::test]
+async fn zstd_window_above_the_cap_is_refused() {
+    let image = noise((MIB) as usize, 9);
+    let mut enc = zstd::stream::raw::Encoder::new(3).unwrap();
+    use zstd::stream::raw::CParameter;
+    enc.set_parameter(CParameter::WindowLog(26)).unwrap();
+    enc.set_parameter(CParameter::ContentSizeFlag(false))
+        .unwrap();
+    let mut w = zstd::stream::zio::Writer::new(Vec::new(), enc);
+    std::io::Write::write_all(&mut w, &image).unwrap();
+    w.finish().unwrap();
+    let wire = w.into_inner().0;
+    let t = zstd_target(&image, &wire, 65536);
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "decompress",
+    )
+    .await;
+    assert!(
+        e.to_string().to_lowercase().contains("window") || e.to_string().contains("memory"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn image_hash_mismatch_leaves_slot_disabled() {
+    let image = noise((3 * MIB) as usize, 5);
+    let mut t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://root", image.clone(), 65536)),
+    );
+    t.expected_sha256[0] ^= 1;
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "hash_mismatch",
+    )
+    .await;
+    assert!(e.to_string().contains("image"), "{e}");
+}
+
+#[tokio::test]
+async fn compressed_hash_mismatch_leaves_slot_disabled() {
+    let image = compressible((3 * MIB) as usize);
+    let wire = zstd::encode_all(&image[..], 3).unwrap();
+    let mut t = zstd_target(&image, &wire, 65536);
+    t.compressed_sha256.as_mut().unwrap()[5] ^= 1;
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "hash_mismatch",
+    )
+    .await;
+    assert!(e.to_string().contains("compressed stream"), "{e}");
+}
+
+#[tokio::test]
+async fn readback_mismatch_through_device_and_uncached() {
+    let image = noise((2 * MIB) as usize, 5);
+    let t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://root", image.clone(), 65536)),
+    );
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        true,
+        "readback_mismatch",
+    )
+    .await;
+    assert!(e.to_string().contains("read-back of slot B"), "{e}");
+
+    // Uncached: the path is only known after the Env exists, so build it by hand.
+    let mut env = Env::new();
+    let t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://root", image.clone(), 65536)),
+    );
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, true).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), "readback_mismatch", "{e}");
+    assert!(matches!(
+        e,
+        InstallError::ReadbackMismatch {
+            method: ReadbackMethod::Direct,
+            ..
+        }
+    ));
+    assert!(!env.boot.slot_bootable(SlotId::B));
+    env.assert_outside_b_untouched();
+}
+
+/// Serves `data` but fails after `fail_after` bytes; honours resume_from like a Range request.
+struct FlakySource {
+    data: Bytes,
+    pos: usize,
+    fail_after: Option<usize>,
+    chunk: usize,
+    restart_on_resume: bool,
+    restarted: bool,
+    fetched: Arc<AtomicU64>,
+}
+
+impl ImageSource for FlakySource {
+    fn describe(&self) -> String {
+        "http://test/root.img".into()
+    }
+    fn etag(&self) -> Option<String> {
+        Some("\"v1\"".into())
+    }
+    fn resume_from(&mut self, offset: u64, etag: Option<&str>) -> Result<(), SourceError> {
+        assert_eq!(etag, Some("\"v1\""));
+        if self.restart_on_resume {
+            self.restarted = true;
+            self.pos = 0;
+        } else {
+            self.pos = offset as usize;
+        }
+        Ok(())
+    }
+    fn next_chunk(&mut self) -> ChunkFuture<'_> {
+        let r = if std::mem::take(&mut self.restarted) {
+            Ok(Some(SourceChunk::Restarted))
+        } else if self.fail_after.is_some_and(|f| self.pos >= f) {
+            Err(SourceError::new(
+                "connection_reset",
+                "connection reset by peer",
+            ))
+        } else {
+            let end = (self.pos + self.chunk).min(self.data.len());
+            let end = self.fail_after.map_or(end, |f| end.min(f));
+            if end == self.pos {
+                Ok(None)
+            } else {
+                let c = self.data.slice(self.pos..end);
+                self.fetched.fetch_add(c.len() as u64, Ordering::SeqCst);
+                self.pos = end;
+                Ok(Some(SourceChunk::Data(c)))
+            }
+        };
+        Box::pin(std::future::ready(r))
+    }
+}
+
+fn flaky(
+    image: &[u8],
+    fail_after: Option<usize>,
+    restart_on_resume: bool,
+) -> (FlakySource, Arc<AtomicU64>) {
+    let fetched = Arc::new(AtomicU64::new(0));
+    (
+        FlakySource {
+            data: Bytes::from(image.to_vec()),
+            pos: 0,
+            fail_after,
+            chunk: 100_000,
+            restart_on_resume,
+            restarted: false,
+            fetched: fetched.clone(),
+        },
+        fetched,
+    )
+}
+
+#[tokio::test]
+async fn fetch_error_is_reported_and_slot_stays_disabled() {
+    let image = noise((3 * MIB) as usize, 5);
+    let (src, _) = flaky(&image, Some(1_500_000), false);
+    let t = raw_target(&image, Box::new(src));
+    let (_, e) = expect_failure(plan(vec![t]), &small_opts(Readback::Device), false, "fetch").await;
+    assert!(
+        e.to_string().contains("connection reset")
+            && e.to_string().contains("http://test/root.img"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn interrupted_raw_install_resumes_from_the_last_checkpoint() {
+    let mut env = Env::new();
+    let image = noise((5 * MIB + 512) as usize, 11);
+    let (src, _) = flaky(&image, Some((3 * MIB + 300_000) as usize), false);
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, records) = run(
+        &mut env,
+        plan(vec![raw_target(&image, Box::new(src))]),
+        &opts,
+        false,
+    )
+    .await;
+    assert_eq!(r.unwrap_err().kind(), "fetch");
+    let last = records.last().unwrap().clone();
+    assert_eq!(last.written, 3 * MIB);
+    assert_eq!(last.etag.as_deref(), Some("\"v1\""));
+    assert_eq!(last.url, "http://test/root.img");
+
+    // Second run: continue from the record; only the rest is fetched.
+    let (src, fetched) = flaky(&image, None, false);
+    let mut t = raw_target(&image, Box::new(src));
+    t.resume = Some(last.resume_point());
+    let (r, events, _) = run(&mut env, plan(vec![t]), &opts, false).await;
+    let report = r.unwrap();
+    assert_eq!(report.targets[0].resumed_from, 3 * MIB);
+    assert_eq!(fetched.load(Ordering::SeqCst), image.len() as u64 - 3 * MIB);
+    assert!(events.iter().any(|e| e.phase == Phase::Rehashing));
+    assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+    env.assert_outside_b_untouched();
+}
+
+#[tokio::test]
+async fn resume_that_the_server_refuses_restarts_from_zero() {
+    let mut env = Env::new();
+    let image = noise((3 * MIB) as usize, 12);
+    // First a partial, wrong-content install so the re-hash of the prefix is meaningless.
+    std::fs::File::options()
+        .write(true)
+        .open(&env.path)
+        .unwrap()
+        .write_all_at(&noise(MIB as usize, 99), B_OFF)
+        .unwrap();
+    env.before = env.disk();
+    let (src, fetched) = flaky(&image, None, true);
+    let mut t = raw_target(&image, Box::new(src));
+    t.resume = Some(update_agent::install::ResumePoint {
+        written: MIB,
+        etag: Some("\"v1\"".into()),
+    });
+    let (r, events, _) = run(
+        &mut env,
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    let report = r.unwrap();
+    assert_eq!(report.targets[0].resumed_from, 0);
+    assert_eq!(fetched.load(Ordering::SeqCst), image.len() as u64);
+    assert!(events.iter().any(|e| e.phase == Phase::Restarted));
+    assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+}
+
+#[tokio::test]
+async fn complete_record_reuses_the_verified_bytes_on_disk() {
+    let mut env = Env::new();
+    let image = noise((2 * MIB) as usize, 13);
+    let (src, _) = flaky(&image, None, false);
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, records) = run(
+        &mut env,
+        plan(vec![raw_target(&image, Box::new(src))]),
+        &opts,
+        false,
+    )
+    .await;
+    r.unwrap();
+    let done = records.last().unwrap().clone();
+    assert!(done.complete);
+    let writes_before = env.written.load(Ordering::SeqCst);
+    let (src, fetched) = flaky(&image, Some(0), false);
+    let mut t = raw_target(&image, Box::new(src));
+    t.resume = Some(done.resume_point());
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
+    let report = r.unwrap();
+    assert!(report.targets[0].reused);
+    assert_eq!(fetched.load(Ordering::SeqCst), 0);
+    assert_eq!(env.written.load(Ordering::SeqCst), writes_before);
+
+    // If the disk no longer holds it, the record is not trusted: full install.
+    std::fs::File::options()
+        .write(true)
+        .open(&env.path)
+        .unwrap()
+        .write_all_at(b"x", B_OFF + 10)
+        .unwrap();
+    let (src, fetched) = flaky(&image, None, false);
+    let mut t = raw_target(&image, Box::new(src));
+    t.resume = Some(done.resume_point());
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
+    assert!(!r.unwrap().targets[0].reused);
+    assert_eq!(fetched.load(Ordering::SeqCst), image.len() as u64);
+    assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+}
+
+/// Counts bytes handed to the pipeline.
+struct CountingSource {
+    inner: BytesSource,
+    produced: Arc<AtomicU64>,
+}
+
+impl ImageSource for CountingSource {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn resume_from(&mut self, o: u64, e: Option<&str>) -> Result<(), SourceError> {
+        self.inner.resume_from(o, e)
+    }
+    fn next_chunk(&mut self) -> ChunkFuture<'_> {
+        let produced = self.produced.clone();
+        let fut = self.inner.next_chunk();
+        Box::pin(async move {
+            let r = fut.await;
+            if let Ok(Some(SourceChunk::Data(b))) = &r {
+                produced.fetch_add(b.len() as u64, Ordering::SeqCst);
+            }
+            r
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_cannot_run_ahead_of_a_slow_disk_by_more_than_the_channel() {
+    let mut env = Env::new();
+    let image = noise((8 * MIB) as usize, 21);
+    let produced = Arc::new(AtomicU64::new(0));
+    let chunk = 16 << 10;
+    let src = CountingSource {
+        inner: BytesSource::new("mem://root", image.clone(), chunk),
+        produced: produced.clone(),
+    };
+    let opts = InstallOptions {
+        buffer_size: 64 << 10,
+        channel_capacity: 3,
+        checkpoint_bytes: 4 * MIB,
+        readback: Readback::Off,
+        ..InstallOptions::default()
+    };
+    let dev = env.device(false, true);
+    let written = env.written.clone();
+    let mut max_ahead = 0u64;
+    let mut progress = |e: ProgressEvent| {
+        if e.phase == Phase::Writing {
+            let ahead = produced.load(Ordering::SeqCst) - written.load(Ordering::SeqCst);
+            max_ahead = max_ahead.max(ahead);
+        }
+    };
+    let r = install(
+        plan(vec![raw_target(&image, Box::new(src))]),
+        dev,
+        &mut env.boot,
+        &opts,
+        &mut NoResume,
+        &mut progress,
+    )
+    .await;
+    r.unwrap();
+    // In flight at most: the channel, the buffer waiting to enter it, the one the writer holds,
+    // the writer's fill buffer, and one source chunk.
+    let bound = (opts.channel_capacity as u64 + 3) * opts.buffer_size as u64 + chunk as u64;
+    assert!(
+        max_ahead > 0 && max_ahead <= bound,
+        "ran ahead {max_ahead} > {bound}"
+    );
+    assert!(opts.memory_bound() < 16 * MIB);
+}
+
+#[test]
+fn default_options_bound_memory_independent_of_image_size() {
+    let o = InstallOptions::default();
+    assert!(o.memory_bound() <= 24 * MIB, "{}", o.memory_bound());
+    assert_eq!(o.zstd_window_log_max, 23);
+}
+
+#[test]
+fn error_kinds_are_stable() {
+    let e = InstallError::SizeMismatch {
+        role: "root".into(),
+        url: "u".into(),
+        what: "compressed",
+        expected: 2,
+        actual: 3,
+    };
+    assert_eq!(e.kind(), "size_mismatch");
+    assert!(e.to_string().contains("longer"));
+    let e = InstallError::Fetch {
+        role: "root".into(),
+        url: "u".into(),
+        source: SourceError::new("timeout", "timed out"),
+    };
+    assert_eq!(e.kind(), "fetch");
+}
