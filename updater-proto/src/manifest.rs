@@ -145,6 +145,23 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), SchemaError> {
     Ok(())
 }
 
+/// Longest partition role name.
+pub const MAX_ROLE_LEN: usize = 32;
+
+/// Check a partition role name (`[A-Za-z0-9._-]`, 1 to [`MAX_ROLE_LEN`] characters).
+pub fn validate_role(role: &str) -> Result<(), SchemaError> {
+    check_name("role", role, MAX_ROLE_LEN)
+}
+
+/// `at.name`, or just `name` at the root.
+fn join(at: &str, name: &str) -> String {
+    if at.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{at}.{name}")
+    }
+}
+
 fn check_sha256_hex(field: &str, value: &str) -> Result<(), SchemaError> {
     if value.len() != 64
         || !value
@@ -312,32 +329,68 @@ impl Manifest {
     }
 }
 
+/// One image entry, or an array of them, as `update-publish image` writes them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    Many(Vec<serde_json::Value>),
+    One(serde_json::Value),
+}
+
 impl ImageEntry {
-    /// Validate one entry; `at` is its JSON path (e.g. `images[0]`) for error messages.
+    /// Parse and validate image entries from JSON (one object or an array of objects);
+    /// errors name the JSON path, e.g. `[1].sha256`.
+    pub fn parse_entries(json: &[u8]) -> Result<Vec<ImageEntry>, SchemaError> {
+        let parsed: OneOrMany =
+            serde_json::from_slice(json).map_err(|e| schema_err(".", e.to_string()))?;
+        let (values, prefix): (Vec<serde_json::Value>, Box<dyn Fn(usize) -> String>) = match parsed
+        {
+            OneOrMany::Many(v) => (v, Box::new(|i| format!("[{i}]"))),
+            OneOrMany::One(v) => (vec![v], Box::new(|_| String::new())),
+        };
+        let mut out = Vec::with_capacity(values.len());
+        for (i, v) in values.into_iter().enumerate() {
+            let at = prefix(i);
+            let entry: ImageEntry = serde_path_to_error::deserialize(v).map_err(|e| {
+                let path = e.path().to_string();
+                let field = match (at.is_empty(), path.as_str()) {
+                    (true, p) => p.to_owned(),
+                    (false, ".") => at.clone(),
+                    (false, p) => format!("{at}.{p}"),
+                };
+                schema_err(field, e.into_inner().to_string())
+            })?;
+            entry.validate_at(&at)?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Validate one entry; `at` is its JSON path (e.g. `images[0]`, or empty) for messages.
     pub fn validate_at(&self, at: &str) -> Result<(), SchemaError> {
-        check_name(&format!("{at}.role"), &self.role, 32)?;
-        check_relative_url(&format!("{at}.url"), &self.url)?;
+        check_name(&join(at, "role"), &self.role, MAX_ROLE_LEN)?;
+        check_relative_url(&join(at, "url"), &self.url)?;
         if self.size == 0 {
-            return Err(schema_err(format!("{at}.size"), "must be greater than 0"));
+            return Err(schema_err(join(at, "size"), "must be greater than 0"));
         }
         if self.compressed_size == 0 {
             return Err(schema_err(
-                format!("{at}.compressed_size"),
+                join(at, "compressed_size"),
                 "must be greater than 0",
             ));
         }
-        check_sha256_hex(&format!("{at}.sha256"), &self.sha256)?;
-        check_sha256_hex(&format!("{at}.compressed_sha256"), &self.compressed_sha256)?;
+        check_sha256_hex(&join(at, "sha256"), &self.sha256)?;
+        check_sha256_hex(&join(at, "compressed_sha256"), &self.compressed_sha256)?;
         if self.compression == Compression::None {
             if self.compressed_size != self.size {
                 return Err(schema_err(
-                    format!("{at}.compressed_size"),
+                    join(at, "compressed_size"),
                     "must equal size when compression is \"none\"",
                 ));
             }
             if self.compressed_sha256 != self.sha256 {
                 return Err(schema_err(
-                    format!("{at}.compressed_sha256"),
+                    join(at, "compressed_sha256"),
                     "must equal sha256 when compression is \"none\"",
                 ));
             }
@@ -484,6 +537,25 @@ mod tests {
             start: 0,
         }];
         assert_eq!(field_of(&m), "waves[0].seed_bound");
+    }
+
+    #[test]
+    fn image_entries_parse_one_or_many_and_name_fields() {
+        let one = serde_json::to_vec(&entry("root")).unwrap();
+        assert_eq!(
+            ImageEntry::parse_entries(&one).unwrap(),
+            vec![entry("root")]
+        );
+        let many = serde_json::to_vec(&vec![entry("boot"), entry("root")]).unwrap();
+        assert_eq!(ImageEntry::parse_entries(&many).unwrap().len(), 2);
+        let mut v = serde_json::to_value(vec![entry("boot"), entry("root")]).unwrap();
+        v[1]["size"] = "big".into();
+        let err = ImageEntry::parse_entries(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert_eq!(err.field, "[1].size");
+        v[1]["size"] = 0.into();
+        let err = ImageEntry::parse_entries(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert_eq!(err.field, "[1].size");
+        assert!(ImageEntry::parse_entries(b"nope").is_err());
     }
 
     #[test]
