@@ -533,6 +533,23 @@ impl RaucVars {
     }
 }
 
+/// The booted slot from RAUC's kernel argument `rauc.slot=A|B` (set by its grub.cfg menu
+/// entries). `None` when absent, unknown, or given twice with different values.
+pub fn booted_slot_from_cmdline(cmdline: &str) -> Option<SlotId> {
+    let mut found = None;
+    for value in cmdline
+        .split_whitespace()
+        .filter_map(|arg| arg.strip_prefix("rauc.slot="))
+    {
+        let slot = parse_slot(value)?;
+        if found.is_some_and(|f| f != slot) {
+            return None;
+        }
+        found = Some(slot);
+    }
+    found
+}
+
 /// `ORDER` with `first` at the front, the other tokens after it in their current order, and
 /// `first.other()` appended if it was missing.
 fn order_with_first(current: &[String], first: SlotId) -> String {
@@ -788,5 +805,14 @@ mod tests {
         assert_eq!(order_with_first(&cur, SlotId::B), "B A R");
         assert_eq!(order_with_first(&["A".to_string()], SlotId::B), "B A");
         assert_eq!(order_with_first(&[], SlotId::A), "A B");
+    }
+
+    #[test]
+    fn booted_slot_from_rauc_cmdline() {
+        let c = "console=ttyS0 root=/dev/sda3 panic=60 rauc.slot=B quiet";
+        assert_eq!(booted_slot_from_cmdline(c), Some(SlotId::B));
+        assert_eq!(booted_slot_from_cmdline("root=/dev/sda1 rauc.slot=R"), None);
+        assert_eq!(booted_slot_from_cmdline("quiet"), None);
+        assert_eq!(booted_slot_from_cmdline("rauc.slot=A rauc.slot=B"), None);
     }
 }
