@@ -85,3 +85,46 @@ pub struct DemoArgs {
     #[arg(long, default_value = "gptprio")]
     pub backend: String,
 }
+
+/// Diagnostics go to stderr through `tracing`, filtered by `--log` / `UPDATE_AGENT_LOG`.
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<crate::config::Config, crate::error::AgentError> {
+    let sources = crate::config::ConfigSources::system(path);
+    Ok(crate::config::Config::load(&sources)?)
+}
+
+/// Runs one command and prints its result.
+pub fn run(
+    cli: Cli,
+    out: output::Output,
+) -> Result<std::process::ExitCode, crate::error::AgentError> {
+    use crate::host::Host;
+    use crate::ops;
+    match cli.command {
+        Command::Status => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let report = ops::status::status(&host)?;
+            out.emit(&report, || report.render());
+        }
+        Command::Config(ConfigCommand::Show) => {
+            let config = load_config(cli.config)?;
+            let text = config.to_toml_string()?;
+            out.emit(&config, || text.clone());
+        }
+        Command::Check(_) | Command::Apply(_) | Command::Demo(_) => {
+            return Err(crate::error::AgentError::Refused(
+                "this command is not available in this build yet".into(),
+            ));
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -34,3 +34,15 @@ impl Output {
         let _ = writeln!(out, "{line}");
     }
 }
+
+impl Output {
+    /// Prints a failure: its message, and its stable kind for scripts.
+    pub fn error(&self, e: &crate::error::AgentError) {
+        if self.json {
+            let v = serde_json::json!({"error": {"kind": e.kind(), "message": e.to_string()}});
+            let _ = writeln!(std::io::stdout().lock(), "{v}");
+        } else {
+            let _ = writeln!(std::io::stderr().lock(), "error [{}]: {e}", e.kind());
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `update-agent status`: slots, partitions, flags, booted slot, next boot and why.
+
+use serde::Serialize;
+
+use crate::boot::{BootStatus, SlotId};
+use crate::disk::Partition;
+use crate::error::AgentError;
+use crate::host::{BootedSlot, Host};
+use crate::state::{Phase, SlotRecord};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotReport {
+    pub slot: SlotId,
+    pub partitions: Vec<(String, Partition)>,
+    pub flags_role: String,
+    /// What this host installed there, as its state records it.
+    pub installed: Option<SlotRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub disk: String,
+    pub booted: Option<BootedSlot>,
+    /// Why the booted slot is unknown, when it is.
+    pub booted_error: Option<String>,
+    pub boot: BootStatus,
+    pub slots: Vec<SlotReport>,
+    pub phase: Phase,
+    pub denylist: Vec<String>,
+}
+
+/// Reads everything; writes nothing.
+pub fn status(host: &Host) -> Result<StatusReport, AgentError> {
+    let slots = host.slots()?;
+    let (booted, booted_error) = match host.booted_slot(&slots) {
+        Ok(b) => (Some(b), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let boot = host.boot_control()?.status()?;
+    let state = host.state.load()?;
+    let slot_reports = [&slots.a, &slots.b]
+        .into_iter()
+        .map(|s| SlotReport {
+            slot: s.id,
+            partitions: s
+                .parts
+                .iter()
+                .map(|(r, p)| (r.clone(), p.clone()))
+                .collect(),
+            flags_role: s.flags_role.clone(),
+            installed: state.slots.get(&s.id).cloned(),
+        })
+        .collect();
+    Ok(StatusReport {
+        disk: host.disk_path()?.display().to_string(),
+        booted,
+        booted_error,
+        boot,
+        slots: slot_reports,
+        phase: state.phase.clone(),
+        denylist: state.denylist.iter().map(|d| d.version.clone()).collect(),
+    })
+}
+
+impl StatusReport {
+    /// The human form.
+    pub fn render(&self) -> String {
+        let mut out = format!("disk: {} (boot control: {})\n", self.disk, self.boot.backend);
+        match (&self.booted, &self.booted_error) {
+            (Some(b), _) => out += &format!("booted: slot {} (from {})\n", b.slot, b.source),
+            (None, Some(e)) => out += &format!("booted: unknown ({e})\n"),
+            (None, None) => out += "booted: unknown\n",
+        }
+        for s in &self.slots {
+            let flags = self.boot.slots.iter().find(|f| f.slot == s.slot);
+            out += &format!("slot {}:", s.slot);
+            if let Some(f) = flags {
+                out += &format!(
+                    " priority={} tries={} successful={}",
+                    f.priority, f.tries, f.successful as u8
+                );
+            }
+            match &s.installed {
+                Some(r) => {
+                    out += &format!(
+                        " version={}{}",
+                        r.version,
+                        if r.verified { " (verified)" } else { "" }
+                    )
+                }
+                None => out += " version=unknown",
+            }
+            out += "\n";
+            for (role, p) in &s.partitions {
+                let flag = if *role == s.flags_role { " [flags]" } else { "" };
+                out += &format!(
+                    "  {role}: partition {} '{}' {} ({} MiB){flag}\n",
+                    p.number,
+                    p.label,
+                    p.unique_guid,
+                    p.byte_len >> 20
+                );
+            }
+        }
+        match self.boot.next {
+            Some(n) => out += &format!("next boot: slot {n} ({})\n", self.boot.reason),
+            None => out += &format!("next boot: NOTHING BOOTABLE ({})\n", self.boot.reason),
+        }
+        out += &format!("phase: {}\n", serde_json::to_string(&self.phase).unwrap_or_default());
+        if !self.denylist.is_empty() {
+            out += &format!("denylisted versions: {}\n", self.denylist.join(", "));
+        }
+        out
+    }
+}
