@@ -983,3 +983,49 @@ fn error_kinds_are_stable() {
     };
     assert_eq!(e.kind(), "fetch");
 }
+
+#[tokio::test]
+async fn manifest_entry_and_resolved_partition_make_a_target() {
+    let mut env = Env::new();
+    let image = compressible((2 * MIB) as usize);
+    let wire = zstd::encode_all(&image[..], 3).unwrap();
+    let entry = updater_proto::ImageEntry {
+        role: "usr".into(),
+        url: "usr.img.zst".into(),
+        size: image.len() as u64,
+        sha256: hex::encode(sha(&image)),
+        compression: Compression::Zstd,
+        compressed_size: wire.len() as u64,
+        compressed_sha256: hex::encode(sha(&wire)),
+    };
+    let part = update_agent::disk::slots::Partition {
+        number: 4,
+        first_lba: B_OFF / 512,
+        last_lba: (B_OFF + PART) / 512 - 1,
+        byte_offset: B_OFF,
+        byte_len: PART,
+        unique_guid: uuid::Uuid::nil(),
+        type_guid: uuid::Uuid::nil(),
+        label: "USR-B".into(),
+    };
+    let src = Box::new(BytesSource::new("usr.img.zst", wire.clone(), 65536));
+    let t = TargetImage::from_entry(SlotId::B, &entry, &part, src).unwrap();
+    let (r, _, _) = run(
+        &mut env,
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    r.unwrap();
+    assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+
+    let bad = updater_proto::ImageEntry {
+        sha256: "zz".into(),
+        ..entry
+    };
+    let src = Box::new(BytesSource::new("x", wire, 65536));
+    let e = TargetImage::from_entry(SlotId::B, &bad, &part, src).unwrap_err();
+    assert_eq!(e.kind(), "invalid_plan");
+    assert!(e.to_string().contains("usr: sha256"), "{e}");
+}

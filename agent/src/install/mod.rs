@@ -44,13 +44,8 @@ pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// publisher must compress with `--long` no more than 23 (levels <= 19 stay within it).
 pub const DEFAULT_ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
-/// How an image is compressed on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    None,
-    Zstd,
-}
+/// How an image is encoded on the wire: the manifest's own type, so they cannot disagree.
+pub use updater_proto::Compression;
 
 /// Where to resume a target from, as recorded by an earlier run's [`ResumeRecord`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +91,44 @@ impl std::fmt::Debug for TargetImage {
             .field("source", &self.source.describe())
             .field("resume", &self.resume)
             .finish()
+    }
+}
+
+impl TargetImage {
+    /// The target for a verified manifest entry going into `part`, a partition of the
+    /// inactive slot. Fails on malformed hashes; the size checks happen in [`install`].
+    pub fn from_entry(
+        slot: SlotId,
+        entry: &updater_proto::ImageEntry,
+        part: &crate::disk::slots::Partition,
+        source: Box<dyn ImageSource>,
+    ) -> Result<TargetImage, InstallError> {
+        let parse = |what: &str, hex_str: &str| -> Result<[u8; 32], InstallError> {
+            hex::decode(hex_str)
+                .ok()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .ok_or_else(|| InstallError::InvalidPlan {
+                    slot,
+                    reason: format!("{}: {what} {hex_str:?} is not a hex SHA-256", entry.role),
+                })
+        };
+        let expected_sha256 = parse("sha256", &entry.sha256)?;
+        let compressed_sha256 = match entry.compression {
+            Compression::None if entry.compressed_sha256.is_empty() => None,
+            _ => Some(parse("compressed_sha256", &entry.compressed_sha256)?),
+        };
+        Ok(TargetImage {
+            role: entry.role.clone(),
+            part_offset: part.byte_offset,
+            part_len: part.byte_len,
+            expected_size: entry.size,
+            expected_sha256,
+            compression: entry.compression,
+            compressed_size: entry.compressed_size,
+            compressed_sha256,
+            source,
+            resume: None,
+        })
     }
 }
 
