@@ -470,3 +470,41 @@ fn fuzz_bodies_accept_the_seed_inputs() {
     fuzz_envelope(&signed(&m, &[&key]));
     fuzz_signed_payload(&m.to_payload());
 }
+
+/// The seed inputs committed under `fuzz/seeds/`, regenerated with `UPDATE_FUZZ_SEEDS=1`.
+fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let fk = updater_proto::fuzzing::fuzz_key();
+    let mut m = manifest();
+    m.product = updater_proto::fuzzing::FUZZ_PRODUCT.into();
+    let mut multi = m.clone();
+    multi.images.push(ImageEntry {
+        role: "boot".into(),
+        url: "boot/boot-1.img".into(),
+        size: 6,
+        sha256: "3".repeat(64),
+        compression: Compression::None,
+        compressed_size: 6,
+        compressed_sha256: "3".repeat(64),
+    });
+    vec![
+        ("envelope/valid.json", signed(&m, &[&fk])),
+        ("envelope/two_signers.json", signed(&multi, &[&fk, &key(1)])),
+        ("signed_payload/manifest.json", m.to_payload()),
+        ("signed_payload/two_images.json", multi.to_payload()),
+    ]
+}
+
+#[test]
+fn committed_fuzz_seeds_are_current_and_verify() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    for (name, bytes) in fuzz_seeds() {
+        let path = dir.join(name);
+        if std::env::var_os("UPDATE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let on_disk = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_FUZZ_SEEDS=1)", path.display()));
+        assert_eq!(on_disk, bytes, "{} is stale (run with UPDATE_FUZZ_SEEDS=1)", path.display());
+    }
+}
