@@ -384,3 +384,34 @@ fn block_on_a_device_writes_only_changed_sectors() {
         Some(SlotId::B)
     );
 }
+
+mod properties {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use proptest::prelude::*;
+    use update_agent::boot::grubenv::{GrubEnv, ENV_BLOCK_SIZE, ENV_HEADER};
+
+    proptest! {
+        /// Whatever variables fit, serialization and parsing are inverse, escapes included.
+        #[test]
+        fn serialize_then_parse_is_identity(
+            vars in proptest::collection::vec(("[A-Za-z_][A-Za-z0-9_]{0,12}", "[^\0]{0,40}"), 0..12)
+        ) {
+            let mut env = GrubEnv::new();
+            for (k, v) in &vars {
+                env.set(k, v).unwrap();
+            }
+            if let Ok(block) = env.to_block("prop") {
+                prop_assert_eq!(block.len(), ENV_BLOCK_SIZE);
+                prop_assert_eq!(GrubEnv::parse(&block, "prop").unwrap(), env);
+            }
+        }
+
+        /// Arbitrary bytes after the header never panic the parser.
+        #[test]
+        fn parser_never_panics(tail in proptest::collection::vec(any::<u8>(), ENV_BLOCK_SIZE - ENV_HEADER.len())) {
+            let mut block = ENV_HEADER.as_bytes().to_vec();
+            block.extend_from_slice(&tail);
+            let _ = GrubEnv::parse(&block, "prop");
+        }
+    }
+}

@@ -215,3 +215,36 @@ fn install_lock_excludes_another_process() {
     assert!(child.wait().unwrap().success());
     InstallLock::acquire(dir.path()).unwrap();
 }
+
+#[test]
+fn concurrent_saves_never_mix_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path()).unwrap();
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let store = store.clone();
+            scope.spawn(move || {
+                for i in 0..25u64 {
+                    let mut s = State::default();
+                    s.observe_serial("stable", t * 1000 + i);
+                    s.deny(&"v".repeat((t * 50 + i) as usize % 300 + 1), "x");
+                    store.save(&s).unwrap();
+                }
+            });
+        }
+    });
+    // Whichever save won, the file is one whole record, and no temp file is left.
+    store.load().unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn boot_id_is_the_kernels() {
+    let id = update_agent::state::boot_id().unwrap();
+    assert_eq!(id.len(), 36, "{id}");
+    assert_eq!(id, update_agent::state::boot_id().unwrap());
+    let e = update_agent::state::read_boot_id(std::path::Path::new("/nonexistent/boot_id"))
+        .unwrap_err();
+    assert_eq!(e.kind(), "state_io");
+    assert!(e.to_string().contains("/nonexistent/boot_id"));
+}

@@ -280,6 +280,21 @@ impl State {
     }
 }
 
+/// Where the kernel publishes the id of the current boot.
+pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The current boot's id (recorded in [`Phase::Trial`] to tell "still the trial boot" from
+/// "rebooted since").
+pub fn boot_id() -> Result<String, StateError> {
+    read_boot_id(Path::new(BOOT_ID_PATH))
+}
+
+/// [`boot_id`] from another path (tests, sandboxes).
+pub fn read_boot_id(path: &Path) -> Result<String, StateError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    Ok(text.trim().to_string())
+}
+
 /// The state directory and its record.
 #[derive(Debug, Clone)]
 pub struct StateStore {
