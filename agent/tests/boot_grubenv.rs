@@ -415,3 +415,52 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn health_failure_drill_rolls_back_and_cancel_before_reboot_keeps_the_old_slot() {
+    use update_agent::boot::grubenv::booted_slot_from_cmdline;
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(&dir);
+    let mut boot = GrubEnvBoot::file(&path, 1).unwrap();
+    let mut loc = EnvLocation::File(path.clone());
+
+    // Trial boot of B comes up, its health checks fail, the agent rolls back and reboots.
+    boot.disable(SlotId::B).unwrap();
+    boot.stage(SlotId::B).unwrap();
+    let b = sim_grub::boot(&mut loc, 1).unwrap();
+    assert_eq!(
+        booted_slot_from_cmdline(&b.cmdline().unwrap()),
+        Some(SlotId::B)
+    );
+    boot.rollback(SlotId::A).unwrap();
+    let s = boot.status().unwrap();
+    assert_eq!(s.next, Some(SlotId::A));
+    assert_eq!(s.slots[1].priority, 0);
+    assert_eq!(sim_grub::boot(&mut loc, 1).unwrap().booted, Some(SlotId::A));
+    boot.commit(SlotId::A).unwrap();
+
+    // Staged, then cancelled before any reboot: the old slot keeps booting.
+    boot.stage(SlotId::B).unwrap();
+    boot.cancel(SlotId::B).unwrap();
+    for _ in 0..2 {
+        assert_eq!(sim_grub::boot(&mut loc, 1).unwrap().booted, Some(SlotId::A));
+        boot.commit(SlotId::A).unwrap();
+    }
+}
+
+#[test]
+fn a_booted_slot_never_marked_good_leads_to_rescue_then_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fresh(&dir);
+    let mut boot = GrubEnvBoot::file(&path, 1).unwrap();
+    let mut loc = EnvLocation::File(path.clone());
+    // Both slots OK, nobody ever marks good: A, then B, then rescue (which resets the counters).
+    assert_eq!(sim_grub::boot(&mut loc, 1).unwrap().booted, Some(SlotId::A));
+    assert_eq!(sim_grub::boot(&mut loc, 1).unwrap().booted, Some(SlotId::B));
+    assert_eq!(boot.status().unwrap().next, None);
+    let rescue = sim_grub::boot(&mut loc, 1).unwrap();
+    assert_eq!(rescue.booted, None);
+    assert!(rescue.reset_tries);
+    assert_eq!(rescue.cmdline(), None);
+    assert_eq!(sim_grub::boot(&mut loc, 1).unwrap().booted, Some(SlotId::A));
+}

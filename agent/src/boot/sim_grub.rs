@@ -16,6 +16,14 @@ pub struct SimBoot {
     pub reset_tries: bool,
 }
 
+impl SimBoot {
+    /// The kernel command line RAUC's menu entry passes (`rauc.slot=A|B`), or `None` for the
+    /// rescue entry; feed it to [`super::grubenv::booted_slot_from_cmdline`].
+    pub fn cmdline(&self) -> Option<String> {
+        self.booted.map(|s| format!("rauc.slot={s}"))
+    }
+}
+
 /// Run the script's logic on `env` in memory (the `save_env` is the caller's write).
 pub fn choose(env: &mut GrubEnv, max_tries: u8, location: &str) -> Result<SimBoot, GrubEnvError> {
     let vars = RaucVars::from_env(env, location)?;
