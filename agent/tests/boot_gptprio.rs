@@ -430,3 +430,83 @@ fn slots_resolve_with_numbers_sizes_and_guids_sgdisk_reports() {
     assert_eq!(root_b.byte_offset, root_b.first_lba * 512);
     assert_eq!(root_b.label, "BOTTLEROCKET-ROOT-B");
 }
+
+#[test]
+fn file_device_bounds_sizes_and_refuses_non_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.img");
+    std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+    let mut d = FileDevice::open(&p).unwrap();
+    assert_eq!((d.size(), d.sector_size()), (1 << 20, 512));
+    d.write_at(b"hello", 4096).unwrap();
+    d.flush().unwrap();
+    d.drop_cache(0, 1 << 20).unwrap();
+    let mut b = [0u8; 5];
+    d.read_at(&mut b, 4096).unwrap();
+    assert_eq!(&b, b"hello");
+    let e = d.write_at(b"xx", (1 << 20) - 1).unwrap_err();
+    assert!(e.to_string().contains("past the end"), "{e}");
+    assert!(d.read_at(&mut b, (1 << 20) - 2).is_err());
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        1 << 20,
+        "the image never grows"
+    );
+
+    let ro = FileDevice::open_read_only(&p).unwrap();
+    let mut ro: Box<dyn BlockDevice> = Box::new(ro);
+    assert!(ro.write_at(b"x", 0).is_err());
+
+    assert_eq!(
+        FileDevice::open_read_only(dir.path()).unwrap_err().kind(),
+        "disk_not_a_disk"
+    );
+    let empty = dir.path().join("empty.img");
+    std::fs::File::create(&empty).unwrap();
+    assert_eq!(
+        FileDevice::open(&empty).unwrap_err().kind(),
+        "disk_too_small"
+    );
+    let e = FileDevice::open(dir.path().join("nope")).unwrap_err();
+    assert_eq!(e.kind(), "disk_open");
+    assert!(e.to_string().contains("nope"), "{e}");
+}
+
+/// The block-device path: the same image through a loop device (needs root and loop support;
+/// skipped with a message otherwise).
+#[test]
+fn a_loop_device_is_a_disk_like_its_image() {
+    if !tools() || !require_tool("losetup", "mount").unwrap() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir, Layout::Flatcar);
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "skipping: cannot attach a loop device (needs root and /dev/loop*): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let result = std::panic::catch_unwind(|| {
+        let dev = FileDevice::open(&loopdev).unwrap();
+        assert_eq!(dev.size(), 64 << 20);
+        let mut bc = GptPrio::new(dev, loopdev.clone(), SlotLayoutConfig::flatcar()).unwrap();
+        bc.disable(SlotId::B).unwrap();
+        bc.stage(SlotId::B).unwrap();
+        bc.device().drop_cache(0, 64 << 20).unwrap();
+        assert_eq!(bc.status().unwrap().next, Some(SlotId::B));
+    });
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", &loopdev])
+        .status();
+    result.unwrap();
+    assert_eq!(cgpt(&path, 4), (2, 1, 0));
+    sgdisk_verify(&path).unwrap();
+}
