@@ -464,3 +464,19 @@ fn a_booted_slot_never_marked_good_leads_to_rescue_then_retry() {
     assert_eq!(rescue.cmdline(), None);
     assert_eq!(sim_grub::boot(&mut loc, 1).unwrap().booted, Some(SlotId::A));
 }
+
+#[test]
+fn a_line_with_an_empty_name_is_malformed_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grubenv");
+    let mut block = b"# GRUB Environment Block\nA_OK=1\n=oops\n".to_vec();
+    block.resize(ENV_BLOCK_SIZE, b'#');
+    std::fs::write(&path, &block).unwrap();
+    let e = EnvLocation::File(path.clone()).read().unwrap_err();
+    assert_eq!(e.kind(), "grubenv_malformed");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("byte 32"),
+        "{msg}"
+    );
+}

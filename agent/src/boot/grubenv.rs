@@ -205,7 +205,7 @@ impl GrubEnv {
             p += 1;
             let value = String::from_utf8(value)
                 .map_err(|_| malformed(value_start, "variable value is not UTF-8"))?;
-            validate_name(name)?;
+            validate_name(name).map_err(|e| malformed(name_start, &e.to_string()))?;
             lines.push(Line::Var {
                 name: name.to_string(),
                 value,
