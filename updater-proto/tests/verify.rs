@@ -505,6 +505,11 @@ fn committed_fuzz_seeds_are_current_and_verify() {
         }
         let on_disk = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_FUZZ_SEEDS=1)", path.display()));
-        assert_eq!(on_disk, bytes, "{} is stale (run with UPDATE_FUZZ_SEEDS=1)", path.display());
+        assert_eq!(
+            on_disk,
+            bytes,
+            "{} is stale (run with UPDATE_FUZZ_SEEDS=1)",
+            path.display()
+        );
     }
 }
