@@ -732,7 +732,7 @@ async fn run_job(
                 reason: "the download stopped without an error or an end".into(),
             },
         }),
-        Ok(Err(writer::WriterError::Install(e))) => Err(e),
+        Ok(Err(writer::WriterError::Install(e))) => Err(*e),
         Err(join) => Err(InstallError::Internal {
             role: role.to_string(),
             reason: format!("writer thread failed: {join}"),

@@ -76,12 +76,12 @@ pub(crate) enum WriterError {
     /// The data channel closed without an end marker, or the async side went away: the
     /// reason is on the async side (fetch error, sink error).
     StreamAborted,
-    Install(InstallError),
+    Install(Box<InstallError>),
 }
 
 impl From<InstallError> for WriterError {
     fn from(e: InstallError) -> Self {
-        WriterError::Install(e)
+        WriterError::Install(Box::new(e))
     }
 }
 
@@ -157,7 +157,7 @@ impl<'a> Writer<'a> {
     }
 
     fn io_err(&self, op: &'static str, offset: u64, source: io::Error) -> WriterError {
-        WriterError::Install(InstallError::Io {
+        WriterError::from(InstallError::Io {
             role: self.job.role.clone(),
             op,
             device: self.job.device.clone(),
@@ -435,7 +435,7 @@ fn finish_hash(ctx: digest::Context) -> [u8; 32] {
 }
 
 fn self_decompress(job: &Job, source: io::Error) -> WriterError {
-    WriterError::Install(InstallError::Decompress {
+    WriterError::from(InstallError::Decompress {
         role: job.role.clone(),
         url: job.url.clone(),
         source,
@@ -443,7 +443,7 @@ fn self_decompress(job: &Job, source: io::Error) -> WriterError {
 }
 
 fn poisoned(job: &Job) -> WriterError {
-    WriterError::Install(InstallError::Internal {
+    WriterError::from(InstallError::Internal {
         role: job.role.clone(),
         reason: "block device lock poisoned by an earlier panic".into(),
     })
@@ -473,7 +473,7 @@ fn verify(
         &mut prog,
     )
     .map_err(|ReadError { op, offset, source }| {
-        WriterError::Install(InstallError::Io {
+        WriterError::from(InstallError::Io {
             role: job.role.clone(),
             op,
             device: match mode {
