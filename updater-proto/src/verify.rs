@@ -333,8 +333,19 @@ impl VerifyError {
     }
 }
 
+/// Attacker-chosen strings go into error messages and logs; keep them short.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
 fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> (String, String) {
-    (e.path().to_string(), e.inner().to_string())
+    (
+        clip(&e.path().to_string(), 128),
+        clip(&e.inner().to_string(), 256),
+    )
 }
 
 /// Parse and check a signed manifest. See the module docs for the order of checks.
@@ -393,7 +404,7 @@ pub fn verify(
     // 3. Payload type.
     if envelope.payload_type != MANIFEST_PAYLOAD_TYPE {
         return Err(VerifyError::WrongPayloadType {
-            found: envelope.payload_type,
+            found: clip(&envelope.payload_type, 128),
             expected: MANIFEST_PAYLOAD_TYPE,
         });
     }
@@ -412,7 +423,7 @@ pub fn verify(
                     })?;
                 valid.insert(key.key_id.clone());
             }
-            None => untrusted.push((*keyid).to_owned()),
+            None => untrusted.push(clip(keyid, 64)),
         }
     }
 
@@ -441,7 +452,7 @@ pub fn verify(
         Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
         Some(other) => {
             return Err(VerifyError::UnsupportedSchemaVersion {
-                found: other.to_string(),
+                found: clip(&other.to_string(), 64),
             })
         }
         None => {

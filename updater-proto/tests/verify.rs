@@ -132,6 +132,24 @@ fn untrusted_key() {
 }
 
 #[test]
+fn attacker_strings_in_errors_are_clipped() {
+    let mut e = envelope(&signed(&manifest(), &[&key(7)]));
+    e.signatures[0].keyid = "k".repeat(100_000);
+    e.payload_type = "t".repeat(100_000);
+    let err = verify(&e.to_json(), &policy(), &ctx()).unwrap_err();
+    assert_eq!(err.kind(), "wrong_payload_type");
+    assert!(err.to_string().len() < 400, "{}", err.to_string().len());
+    e.payload_type = MANIFEST_PAYLOAD_TYPE.into();
+    let err = verify(&e.to_json(), &policy(), &ctx()).unwrap_err();
+    assert_eq!(err.kind(), "untrusted_key");
+    assert!(err.to_string().len() < 400, "{}", err.to_string().len());
+    let long_field = format!(r#"{{"{}": 1}}"#, "f".repeat(100_000));
+    let err = verify(long_field.as_bytes(), &policy(), &ctx()).unwrap_err();
+    assert_eq!(err.kind(), "malformed_envelope");
+    assert!(err.to_string().len() < 600, "{}", err.to_string().len());
+}
+
+#[test]
 fn too_few_distinct_signers() {
     assert_eq!(kind(&signed(&manifest(), &[&key(1)])), "threshold_not_met");
     // The same trusted key signing twice counts once.
