@@ -347,7 +347,9 @@ fn bad_disks_and_configs_are_clear_errors_and_write_nothing() {
     let mut bc = open(&flatcar, Layout::Flatcar);
     let e = bc.rollback(SlotId::B).unwrap_err();
     assert!(e.to_string().contains("never marked successful"), "{e}");
-    bc.disable(SlotId::B).unwrap(); // already disabled: a no-op that writes nothing
+    // Disabling B would leave A, on trial and never marked good, as the only bootable slot.
+    let e = bc.disable(SlotId::B).unwrap_err();
+    assert!(e.to_string().contains("not marked successful"), "{e}");
     let e = bc.disable(SlotId::A).unwrap_err();
     assert_eq!(e.kind(), "boot_refused", "{e}");
     assert!(e.to_string().contains("nothing"), "{e}");
@@ -509,4 +511,70 @@ fn a_loop_device_is_a_disk_like_its_image() {
     result.unwrap();
     assert_eq!(cgpt(&path, 4), (2, 1, 0));
     sgdisk_verify(&path).unwrap();
+}
+
+/// Any sequence of operations and boots, in any order and on any slot: each operation either
+/// succeeds or is refused without a byte written, and the loader always finds a slot to boot,
+/// now and after every trial runs out of tries.
+#[test]
+fn no_sequence_of_operations_leaves_nothing_to_boot() {
+    use proptest::prelude::*;
+    use update_agent::disk::recording::MemDevice;
+    if !tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(&dir, Layout::ChromeOs);
+    let base = MemDevice::from_file(&path).unwrap();
+    let cfg = SlotLayoutConfig::chromeos();
+    let tables = |d: &MemDevice| {
+        let mut head = vec![0u8; 34 * 512];
+        let mut tail = vec![0u8; 33 * 512];
+        d.read_at(&mut head, 0).unwrap();
+        d.read_at(&mut tail, d.size() - 33 * 512).unwrap();
+        (head, tail)
+    };
+    let act = (0u8..6, any::<bool>(), 1u8..4);
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 96,
+        ..Default::default()
+    });
+    runner
+        .run(&proptest::collection::vec(act, 1..20), |acts| {
+            let mut bc = GptPrio::new(base.clone(), "prop", cfg.clone()).unwrap();
+            for (k, b, tries) in acts {
+                let s = if b { SlotId::A } else { SlotId::B };
+                let before = tables(bc.device());
+                let r = match k {
+                    0 => bc.disable(s),
+                    1 => {
+                        bc = GptPrio::new(bc.into_inner(), "prop", cfg.clone())
+                            .unwrap()
+                            .with_tries(tries)
+                            .unwrap();
+                        bc.stage(s)
+                    }
+                    2 => bc.commit(s),
+                    3 => bc.rollback(s),
+                    4 => bc.cancel(s),
+                    _ => sim::boot_gptprio(bc.device_mut(), &cfg)
+                        .map(|b| assert!(b.is_some(), "nothing booted"))
+                        .map_err(|e| panic!("{e}")),
+                };
+                if let Err(e) = r {
+                    prop_assert_eq!(e.kind(), "boot_refused", "{}", e);
+                    prop_assert!(tables(bc.device()) == before, "refused op wrote: {}", e);
+                }
+                let mut probe = bc.device().clone();
+                for _ in 0..20 {
+                    let booted = sim::boot_gptprio(&mut probe, &cfg).unwrap();
+                    prop_assert!(booted.is_some(), "after op {} on {}: nothing boots", k, s);
+                    if !booted.unwrap().was_trial() {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
 }

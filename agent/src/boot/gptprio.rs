@@ -202,6 +202,20 @@ impl<D: BlockDevice> GptPrio<D> {
     }
 }
 
+/// Refuse to leave `keep` as the only bootable slot unless it is marked successful: a slot on
+/// trial loses its last try at the next boot, and then nothing would boot.
+fn require_good_fallback(op: &str, f: &[GptPrioFlags; 2], keep: SlotId) -> Result<(), BootError> {
+    let k = f[idx(keep)];
+    if k.successful && k.priority > 0 {
+        Ok(())
+    } else {
+        Err(BootError::Refused(format!(
+            "{op}: slot {keep} would be the only bootable slot but is not marked successful (priority {}, tries {}); nothing written",
+            k.priority, k.tries
+        )))
+    }
+}
+
 fn describe_winner(gpt: &Gpt, winner: Option<u32>, slot: Option<SlotId>) -> String {
     match (winner, slot) {
         (Some(_), Some(s)) => format!("slot {s}"),
@@ -272,15 +286,12 @@ impl<D: BlockDevice> BootControl for GptPrio<D> {
     }
 
     fn disable(&mut self, slot: SlotId) -> Result<(), BootError> {
-        self.change(
-            &format!("disable slot {slot}"),
-            Some(slot.other()),
-            None,
-            |f| {
-                f[idx(slot)] = GptPrioFlags::DISABLED;
-                Ok(())
-            },
-        )
+        let op = format!("disable slot {slot}");
+        self.change(&op.clone(), Some(slot.other()), None, |f| {
+            require_good_fallback(&op, f, slot.other())?;
+            f[idx(slot)] = GptPrioFlags::DISABLED;
+            Ok(())
+        })
     }
 
     fn stage(&mut self, slot: SlotId) -> Result<(), BootError> {
@@ -343,15 +354,12 @@ impl<D: BlockDevice> BootControl for GptPrio<D> {
     }
 
     fn cancel(&mut self, slot: SlotId) -> Result<(), BootError> {
-        self.change(
-            &format!("cancel slot {slot}"),
-            Some(slot.other()),
-            None,
-            |f| {
-                f[idx(slot)] = GptPrioFlags::DISABLED;
-                Ok(())
-            },
-        )
+        let op = format!("cancel slot {slot}");
+        self.change(&op.clone(), Some(slot.other()), None, |f| {
+            require_good_fallback(&op, f, slot.other())?;
+            f[idx(slot)] = GptPrioFlags::DISABLED;
+            Ok(())
+        })
     }
 }
 
