@@ -97,7 +97,7 @@ impl MemDevice {
         let ss = self.sector_size as usize;
         for (s, data) in &self.dirty {
             let at = *s as usize * ss;
-            v[at..at + ss].copy_from_slice(data);
+            v[at..at + data.len()].copy_from_slice(data);
         }
         v
     }
@@ -111,9 +111,11 @@ impl MemDevice {
         match self.dirty.get(&s) {
             Some(d) => d,
             None => {
+                // The last sector of an image whose size is not a multiple of the sector size
+                // is short.
                 let ss = self.sector_size as usize;
                 let at = s as usize * ss;
-                &self.base[at..at + ss]
+                &self.base[at..(at + ss).min(self.base.len())]
             }
         }
     }
@@ -274,6 +276,12 @@ mod tests {
         assert_eq!(b, [7, 1, 2, 3]);
         assert!(d.read_at(&mut b, 4094).is_err());
         assert_eq!(d.to_vec()[511], 9);
+        let mut odd = MemDevice::new(vec![1u8; 700]);
+        odd.write_at(&[5; 10], 690).unwrap();
+        let mut b = [0u8; 12];
+        odd.read_at(&mut b, 688).unwrap();
+        assert_eq!(b, [1, 1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]);
+        assert_eq!(odd.to_vec().len(), 700);
     }
 
     #[test]

@@ -355,12 +355,12 @@ impl Gpt {
             backup: bh.clone(),
             in_sync,
         };
-        let primary_entries_lba_of = |p: &Result<(Header, Vec<u8>), CopyHealth>| match p {
+        let entries_lba_of = |p: &Result<(Header, Vec<u8>), CopyHealth>| match p {
             Ok((h, _)) => Some(h.entries_lba),
             Err(_) => None,
         };
-        let p_elba = primary_entries_lba_of(&primary);
-        let b_elba = primary_entries_lba_of(&backup);
+        let p_elba = entries_lba_of(&primary);
+        let b_elba = entries_lba_of(&backup);
         let (template, entries, source) = match (primary, backup) {
             (Ok((h, e)), _) => (h, e, TableCopy::Primary),
             (Err(_), Ok((h, e))) => (h, e, TableCopy::Backup),
@@ -380,15 +380,9 @@ impl Gpt {
             TableCopy::Backup => template.my_lba,
         };
         // A broken copy is rebuilt at the standard place: primary array at LBA 2, backup
-        // array right before the backup header.
+        // array right before the backup header (`write_copy` refuses if that overlaps).
         let primary_entries_lba = p_elba.unwrap_or(2);
         let backup_entries_lba = b_elba.unwrap_or(backup_lba.saturating_sub(array_sectors));
-        if primary_entries_lba + array_sectors > template.first_usable
-            || backup_entries_lba <= template.last_usable
-        {
-            // Only reachable when the missing copy cannot be put at its standard place.
-            tracing::warn!("GPT copy locations are non-standard; repair will be refused");
-        }
         if !health.primary.is_valid() || !health.backup.is_valid() || !in_sync {
             tracing::warn!(primary = %ph, backup = %bh, in_sync, "GPT copies need repair");
         }
