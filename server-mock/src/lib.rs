@@ -317,14 +317,16 @@ async fn file_response(
                 Body::empty()
             } else {
                 Body::from_stream(repo::body_stream(
-                    path.clone(),
-                    *start,
-                    *len,
-                    plan.append,
-                    plan,
+                    repo::BodySpec {
+                        path: path.clone(),
+                        start: *start,
+                        len: *len,
+                        extra: plan.append,
+                        plan,
+                        via_hyper: true,
+                    },
                     state.log.clone(),
                     entry,
-                    true,
                 ))
             };
             (announced, body)

@@ -234,14 +234,16 @@ pub(crate) async fn respond(mut stream: TcpStream, req: &RawRequest, state: &App
         return;
     }
     let mut body = std::pin::pin!(repo::body_stream(
-        path.clone(),
-        *start,
-        *len,
-        plan.append + plan.lying_extra,
-        plan,
+        repo::BodySpec {
+            path: path.clone(),
+            start: *start,
+            len: *len,
+            extra: plan.append + plan.lying_extra,
+            plan,
+            via_hyper: false,
+        },
         state.log.clone(),
         entry,
-        false,
     ));
     while let Some(chunk) = body.next().await {
         match chunk {

@@ -222,18 +222,34 @@ struct BodyState {
     pause_before_cut: bool,
 }
 
-/// The body of a file answer as a stream of chunks with the body faults applied.
-/// `extra` filler bytes follow the file bytes (the `append` / `lying_length` faults).
+/// What a body stream sends: `len` file bytes from `start`, then `extra` filler bytes (the
+/// `append` / `lying_length` faults), shaped by `plan`.
+#[derive(Debug, Clone)]
+pub(crate) struct BodySpec {
+    pub path: PathBuf,
+    pub start: u64,
+    pub len: u64,
+    pub extra: u64,
+    pub plan: BodyPlan,
+    /// Served through hyper (pause before cutting the body, see `next_chunk`).
+    pub via_hyper: bool,
+}
+
+/// The body of a file answer as a stream of chunks with the body faults applied; bytes
+/// produced are counted in the log entry.
 pub(crate) fn body_stream(
-    path: PathBuf,
-    start: u64,
-    len: u64,
-    extra: u64,
-    plan: BodyPlan,
+    spec: BodySpec,
     log: RequestLog,
     entry: EntryHandle,
-    via_hyper: bool,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let BodySpec {
+        path,
+        start,
+        len,
+        extra,
+        plan,
+        via_hyper,
+    } = spec;
     let state = BodyState {
         file: None,
         path,

@@ -64,8 +64,10 @@ pub struct Download {
     restart_pending: bool,
     retry: Retry,
     stats: FetchStats,
-    window: VecDeque<(Instant, u64)>,
-    window_start: Instant,
+    /// Bytes received, stamped with the transfer clock (see `transfer_clock`).
+    window: VecDeque<(Duration, u64)>,
+    /// When the first `next_chunk` was called.
+    started: Option<Instant>,
 }
 
 impl std::fmt::Debug for Download {
@@ -105,7 +107,7 @@ impl Download {
             retry,
             stats: FetchStats::default(),
             window: VecDeque::new(),
-            window_start: Instant::now(),
+            started: None,
         }
     }
 
@@ -164,6 +166,7 @@ impl Download {
     /// After an error the download may be continued by calling `next_chunk` again.
     pub async fn next_chunk(&mut self) -> Result<Option<Chunk>, FetchError> {
         self.retry.start();
+        self.started.get_or_insert_with(Instant::now);
         loop {
             if self.restart_pending && self.body.is_some() {
                 self.restart_pending = false;
@@ -176,8 +179,6 @@ impl Download {
                 match self.open().await? {
                     Opened::Body(b) => {
                         self.body = Some(b);
-                        self.window.clear();
-                        self.window_start = Instant::now();
                     }
                     Opened::Again => {}
                     Opened::Failed(e, hint) => self.retry.after_failure(&self.url, e, hint).await?,
@@ -210,6 +211,11 @@ impl Download {
                     expected: self.expected_len,
                     got: self.offset,
                     detail: "the response ended early".into(),
+                },
+                Ok(Some(Err(e))) if e.is_timeout() => FetchError::Timeout {
+                    url: self.shown.clone(),
+                    what: "the next body chunk",
+                    after: self.cfg.read_timeout,
                 },
                 Ok(Some(Err(e))) => FetchError::Truncated {
                     url: self.shown.clone(),
@@ -247,19 +253,29 @@ impl Download {
         Ok(Chunk::Data(bytes))
     }
 
-    /// Bytes received in the last `window` must reach `bytes_per_sec * window`, checked once
-    /// the current response has been open for a whole window.
+    /// Time spent transferring: since the first `next_chunk`, minus backoff sleeps. Waiting
+    /// for responses, reconnecting and the consumer's own pauses between calls all count.
+    fn transfer_clock(&self) -> Duration {
+        self.started
+            .map_or(Duration::ZERO, |s| s.elapsed())
+            .saturating_sub(self.retry.slept)
+    }
+
+    /// Bytes received in the last `window` of transfer time must reach
+    /// `bytes_per_sec * window`, checked on every chunk once a whole window has passed.
+    /// The window spans reconnections, so a server that stalls, gets dropped and then
+    /// dribbles a little more each time cannot keep the download alive forever.
     fn check_throughput(&mut self, min: MinThroughput, len: u64) -> Result<(), FetchError> {
-        let now = Instant::now();
+        let now = self.transfer_clock();
         self.window.push_back((now, len));
         while let Some(&(t, _)) = self.window.front() {
-            if now.duration_since(t) > min.window {
+            if now.saturating_sub(t) > min.window {
                 self.window.pop_front();
             } else {
                 break;
             }
         }
-        if now.duration_since(self.window_start) < min.window {
+        if now < min.window {
             return Ok(());
         }
         let got: u64 = self.window.iter().map(|&(_, n)| n).sum();

@@ -61,6 +61,8 @@ pub(crate) struct Retry {
     failures: u32,
     /// Every failed attempt, for stats.
     pub(crate) total_failures: u32,
+    /// Total time slept in backoff.
+    pub(crate) slept: Duration,
     deadline: Option<Instant>,
     rng: SystemRandom,
 }
@@ -71,6 +73,7 @@ impl Retry {
             cfg: cfg.clone(),
             failures: 0,
             total_failures: 0,
+            slept: Duration::ZERO,
             deadline: None,
             rng: SystemRandom::new(),
         }
@@ -153,6 +156,7 @@ impl Retry {
             "retrying"
         );
         tokio::time::sleep(delay).await;
+        self.slept += delay;
         Ok(())
     }
 
