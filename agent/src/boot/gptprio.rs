@@ -158,6 +158,7 @@ impl<D: BlockDevice> GptPrio<D> {
         fallback: Option<(SlotId, SlotId)>,
         f: impl FnOnce(&mut [GptPrioFlags; 2]) -> Result<(), BootError>,
     ) -> Result<(), BootError> {
+        let _span = tracing::info_span!("gptprio", disk = %self.disk, op).entered();
         let (mut gpt, slots) = self.load()?;
         let mut flags = Self::flags_of(&gpt, &slots);
         let before = flags;
@@ -196,7 +197,7 @@ impl<D: BlockDevice> GptPrio<D> {
                 )));
             }
         }
-        tracing::info!(disk = %self.disk, op, ?before, after = ?flags, "gptprio change");
+        tracing::info!(?before, after = ?flags, "writing gptprio flags");
         gpt.write(&mut self.dev).map_err(|e| self.table_err(e))?;
         Ok(())
     }

@@ -526,8 +526,10 @@ impl Gpt {
     /// copy is complete and valid: the primary (old) while the backup is written, the backup
     /// (new) while the primary is written. Writes nothing when nothing changed.
     pub fn write(&mut self, dev: &mut dyn BlockDevice) -> Result<(), GptError> {
+        let _span = tracing::debug_span!("gpt_write").entered();
         self.repair(dev)?;
         if !self.is_dirty() {
+            tracing::debug!("table unchanged, nothing written");
             return Ok(());
         }
         let entries = self.entries.clone();
