@@ -169,6 +169,11 @@ impl Layout {
         f.set_len(64 << 20)
             .map_err(|e| format!("size {}: {e}", path.display()))?;
         drop(f);
+        self.partition(path)
+    }
+
+    /// Write this layout's GPT onto an existing disk or image at `path` with `sgdisk`.
+    pub fn partition(self, path: &Path) -> Result<(), String> {
         let mut args = vec!["-o".to_string()];
         for (n, size, ty, label, bits) in self.parts() {
             args.push(format!("-n={n}:0:{size}"));
