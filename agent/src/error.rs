@@ -4,6 +4,7 @@
 use crate::boot::BootError;
 use crate::config::ConfigError;
 use crate::disk::{DiskError, SlotError};
+use crate::fetch::FetchError;
 use crate::install::InstallError;
 use crate::policy::PolicyError;
 use crate::state::StateError;
@@ -25,16 +26,12 @@ pub enum AgentError {
         source_name: String,
         error: updater_proto::VerifyError,
     },
-    #[error("cannot get manifest {source_name}: {message}")]
-    Manifest {
-        source_name: String,
-        kind: &'static str,
-        message: String,
-    },
     #[error(transparent)]
-    Policy(#[from] PolicyError),
+    Fetch(#[from] FetchError),
     #[error(transparent)]
-    Install(#[from] InstallError),
+    Policy(Box<PolicyError>),
+    #[error(transparent)]
+    Install(Box<InstallError>),
     #[error("cannot tell which slot is booted: {0}")]
     BootedSlotUnknown(String),
     #[error("{0}")]
@@ -57,12 +54,24 @@ impl AgentError {
             AgentError::Slots(e) => e.kind(),
             AgentError::Boot(e) => e.kind(),
             AgentError::Verify { error, .. } => error.kind(),
-            AgentError::Manifest { kind, .. } => kind,
+            AgentError::Fetch(e) => e.kind(),
             AgentError::Policy(e) => e.kind(),
             AgentError::Install(e) => e.kind(),
             AgentError::BootedSlotUnknown(_) => "booted_slot_unknown",
             AgentError::Refused(_) => "refused",
             AgentError::Io { .. } => "io",
         }
+    }
+}
+
+impl From<InstallError> for AgentError {
+    fn from(e: InstallError) -> Self {
+        AgentError::Install(Box::new(e))
+    }
+}
+
+impl From<PolicyError> for AgentError {
+    fn from(e: PolicyError) -> Self {
+        AgentError::Policy(Box::new(e))
     }
 }

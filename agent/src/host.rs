@@ -84,7 +84,7 @@ impl Host {
     }
 
     /// The slot this system booted from: the `boot.booted_slot` override, else the partition
-    /// named by `PARTUUID=` on the kernel command line.
+    /// named by `PARTUUID=` on the kernel command line, else RAUC's `rauc.slot=`.
     pub fn booted_slot(&self, slots: &ResolvedSlots) -> Result<BootedSlot, AgentError> {
         if let Some(slot) = self.config.boot.booted_slot {
             return Ok(BootedSlot {
@@ -98,13 +98,14 @@ impl Host {
             source,
         })?;
         booted_slot(&cmdline, slots)
+            .or_else(|| crate::boot::grubenv::booted_slot_from_cmdline(&cmdline))
             .map(|slot| BootedSlot {
                 slot,
                 source: "cmdline",
             })
             .ok_or_else(|| {
                 AgentError::BootedSlotUnknown(format!(
-                    "{} names no partition of slot A or B by PARTUUID= (set [boot] booted_slot \
+                    "{} names no partition of slot A or B by PARTUUID= nor rauc.slot= (set [boot] booted_slot \
                      to override)",
                     path.display()
                 ))

@@ -1,6 +1,7 @@
 //! The command line: parse, call the library, print. No logic of its own beyond presentation.
 
 pub mod output;
+pub mod progress;
 
 use std::path::PathBuf;
 
@@ -102,6 +103,16 @@ fn load_config(path: Option<PathBuf>) -> Result<crate::config::Config, crate::er
     Ok(crate::config::Config::load(&sources)?)
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, crate::error::AgentError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| crate::error::AgentError::Io {
+            what: "starting the async runtime".into(),
+            source,
+        })
+}
+
 /// Runs one command and prints its result.
 pub fn run(
     cli: Cli,
@@ -120,10 +131,37 @@ pub fn run(
             let text = config.to_toml_string()?;
             out.emit(&config, || text.clone());
         }
-        Command::Check(_) | Command::Apply(_) | Command::Demo(_) => {
-            return Err(crate::error::AgentError::Refused(
-                "this command is not available in this build yet".into(),
-            ));
+        Command::Check(args) => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let report = runtime()?.block_on(ops::check::check(
+                &host,
+                args.manifest.as_deref(),
+                args.allow_downgrade,
+                args.allow_denylisted,
+            ))?;
+            out.emit(&report, || report.render());
+        }
+        Command::Apply(args) => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let opts = ops::apply::ApplyOptions {
+                manifest: args.manifest.manifest,
+                allow_downgrade: args.manifest.allow_downgrade,
+                allow_denylisted: args.manifest.allow_denylisted,
+                no_readback: args.no_readback,
+            };
+            let mut bar = progress::Progress::new(out.progress_json);
+            let result =
+                runtime()?.block_on(ops::apply::apply(&host, &opts, &mut |ev| bar.event(ev)));
+            bar.finish();
+            let report = result?;
+            out.emit(&report, || report.render());
+            if args.reboot {
+                ops::reboot::reboot(&host)?;
+            }
+        }
+        Command::Demo(args) => {
+            let code = crate::sandbox::demo::run(&args, out)?;
+            return Ok(code);
         }
     }
     Ok(std::process::ExitCode::SUCCESS)

@@ -634,14 +634,21 @@ impl KeyConfig {
             which: which.clone(),
             message,
         };
-        let text = match (&self.public_key, &self.file) {
-            (Some(k), None) => k.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .map_err(|e| err(format!("cannot read {}: {e}", f.display())))?,
+        let key = match (&self.public_key, &self.file) {
+            (Some(k), None) => TrustedKey::new(decode_key(k.trim()).map_err(err)?),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| err(format!("cannot read {}: {e}", f.display())))?;
+                if text.trim_start().starts_with('{') {
+                    // The publisher's key file (`update-publish keygen`): one format for both
+                    // sides, its own keyid checked on load.
+                    crate::publish::load_public_key(f).map_err(|e| err(e.to_string()))?
+                } else {
+                    TrustedKey::new(decode_key(text.trim()).map_err(err)?)
+                }
+            }
             _ => return Err(err("give exactly one of `public_key` or `file`".into())),
         };
-        let raw = decode_key(text.trim()).map_err(err)?;
-        let key = TrustedKey::new(raw);
         if let Some(id) = &self.id {
             if !id.eq_ignore_ascii_case(key.key_id()) {
                 return Err(err(format!(

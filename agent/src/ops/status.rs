@@ -65,7 +65,10 @@ pub fn status(host: &Host) -> Result<StatusReport, AgentError> {
 impl StatusReport {
     /// The human form.
     pub fn render(&self) -> String {
-        let mut out = format!("disk: {} (boot control: {})\n", self.disk, self.boot.backend);
+        let mut out = format!(
+            "disk: {} (boot control: {})\n",
+            self.disk, self.boot.backend
+        );
         match (&self.booted, &self.booted_error) {
             (Some(b), _) => out += &format!("booted: slot {} (from {})\n", b.slot, b.source),
             (None, Some(e)) => out += &format!("booted: unknown ({e})\n"),
@@ -92,7 +95,11 @@ impl StatusReport {
             }
             out += "\n";
             for (role, p) in &s.partitions {
-                let flag = if *role == s.flags_role { " [flags]" } else { "" };
+                let flag = if *role == s.flags_role {
+                    " [flags]"
+                } else {
+                    ""
+                };
                 out += &format!(
                     "  {role}: partition {} '{}' {} ({} MiB){flag}\n",
                     p.number,
@@ -106,7 +113,10 @@ impl StatusReport {
             Some(n) => out += &format!("next boot: slot {n} ({})\n", self.boot.reason),
             None => out += &format!("next boot: NOTHING BOOTABLE ({})\n", self.boot.reason),
         }
-        out += &format!("phase: {}\n", serde_json::to_string(&self.phase).unwrap_or_default());
+        out += &format!(
+            "phase: {}\n",
+            serde_json::to_string(&self.phase).unwrap_or_default()
+        );
         if !self.denylist.is_empty() {
             out += &format!("denylisted versions: {}\n", self.denylist.join(", "));
         }

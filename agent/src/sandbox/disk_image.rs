@@ -9,6 +9,12 @@ use std::path::Path;
 
 use uuid::Uuid;
 
+use crate::disk::slots::{
+    BOTTLEROCKET_BOOT_TYPE, BOTTLEROCKET_HASH_TYPE, BOTTLEROCKET_ROOT_TYPE, CHROMEOS_KERNEL_TYPE,
+    COREOS_USR_TYPE,
+};
+use crate::disk::SlotLayoutConfig;
+
 /// The seed layouts the agent supports out of the box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
@@ -41,16 +47,9 @@ pub enum DiskImageError {
     Gpt { path: String, message: String },
 }
 
-const USR_TYPE: &str = "5DFBF5F4-2848-4BAC-AA5E-0D9A20B745A6";
-const CHROME_KERNEL: &str = "FE3A2A5D-4F32-41A7-B725-ACCC3285A309";
-const CHROME_ROOTFS: &str = "3CB8E202-3B7E-47DD-8A3C-7FF2A13CFCEC";
-const EFI_SYSTEM: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-const LINUX_DATA: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
-
-fn guid(s: &str) -> Uuid {
-    // The constants above are valid GUIDs; a typo would fail every test at once.
-    Uuid::parse_str(s).unwrap_or_default()
-}
+const CHROME_ROOTFS: Uuid = Uuid::from_u128(0x3cb8e202_3b7e_47dd_8a3c_7ff2a13cfcec);
+const EFI_SYSTEM: Uuid = Uuid::from_u128(0xc12a7328_f81f_11d2_ba4b_00a0c93ec93b);
+const LINUX_DATA: Uuid = Uuid::from_u128(0x0fc63daf_8483_4772_8e79_3d69d8477de4);
 
 impl Preset {
     pub fn parse(name: &str) -> Option<Preset> {
@@ -59,6 +58,15 @@ impl Preset {
             "chromeos" => Some(Preset::ChromeOs),
             "bottlerocket" => Some(Preset::Bottlerocket),
             _ => None,
+        }
+    }
+
+    /// The agent's slot layout for this preset.
+    pub fn layout(self) -> SlotLayoutConfig {
+        match self {
+            Preset::Flatcar => SlotLayoutConfig::flatcar(),
+            Preset::ChromeOs => SlotLayoutConfig::chromeos(),
+            Preset::Bottlerocket => SlotLayoutConfig::bottlerocket(),
         }
     }
 
@@ -72,34 +80,35 @@ impl Preset {
 
     /// The partitions of this layout with slot partitions of `slot_mib` MiB each.
     pub fn parts(self, slot_mib: u64) -> Vec<PartSpec> {
-        let p = |number, label: &str, ty: &str, size_mib| PartSpec {
+        let p = |number, label: &str, type_guid, size_mib| PartSpec {
             number,
             label: label.to_string(),
-            type_guid: guid(ty),
+            type_guid,
             size_mib,
         };
         match self {
             Preset::Flatcar => vec![
                 p(1, "EFI-SYSTEM", EFI_SYSTEM, 2),
-                p(3, "USR-A", USR_TYPE, slot_mib),
-                p(4, "USR-B", USR_TYPE, slot_mib),
+                p(3, "USR-A", COREOS_USR_TYPE, slot_mib),
+                p(4, "USR-B", COREOS_USR_TYPE, slot_mib),
                 p(9, "ROOT", LINUX_DATA, 2),
             ],
             Preset::ChromeOs => vec![
                 p(1, "STATE", LINUX_DATA, 2),
-                p(2, "KERN-A", CHROME_KERNEL, 2),
+                p(2, "KERN-A", CHROMEOS_KERNEL_TYPE, 2),
                 p(3, "ROOT-A", CHROME_ROOTFS, slot_mib),
-                p(4, "KERN-B", CHROME_KERNEL, 2),
+                p(4, "KERN-B", CHROMEOS_KERNEL_TYPE, 2),
                 p(5, "ROOT-B", CHROME_ROOTFS, slot_mib),
             ],
             Preset::Bottlerocket => vec![
-                p(1, "BOTTLEROCKET-BOOT-A", LINUX_DATA, 2),
-                p(2, "BOTTLEROCKET-ROOT-A", LINUX_DATA, slot_mib),
-                p(3, "BOTTLEROCKET-HASH-A", LINUX_DATA, 1),
-                p(4, "BOTTLEROCKET-BOOT-B", LINUX_DATA, 2),
-                p(5, "BOTTLEROCKET-ROOT-B", LINUX_DATA, slot_mib),
-                p(6, "BOTTLEROCKET-HASH-B", LINUX_DATA, 1),
-                p(7, "BOTTLEROCKET-DATA", LINUX_DATA, 2),
+                p(2, "BOTTLEROCKET-EFI-SYSTEM", EFI_SYSTEM, 2),
+                p(3, "BOTTLEROCKET-BOOT-A", BOTTLEROCKET_BOOT_TYPE, 2),
+                p(4, "BOTTLEROCKET-ROOT-A", BOTTLEROCKET_ROOT_TYPE, slot_mib),
+                p(5, "BOTTLEROCKET-HASH-A", BOTTLEROCKET_HASH_TYPE, 1),
+                p(7, "BOTTLEROCKET-BOOT-B", BOTTLEROCKET_BOOT_TYPE, 2),
+                p(8, "BOTTLEROCKET-ROOT-B", BOTTLEROCKET_ROOT_TYPE, slot_mib),
+                p(9, "BOTTLEROCKET-HASH-B", BOTTLEROCKET_HASH_TYPE, 1),
+                p(13, "BOTTLEROCKET-DATA", LINUX_DATA, 2),
             ],
         }
     }
