@@ -465,8 +465,8 @@ async fn bandwidth_above_the_floor_passes() {
         LEN as u64,
         FetchConfig {
             min_throughput: Some(MinThroughput {
-                bytes_per_sec: 100_000,
-                window: Duration::from_millis(200),
+                bytes_per_sec: 20_000,
+                window: Duration::from_millis(300),
             }),
             ..cfg()
         },
