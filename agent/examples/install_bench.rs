@@ -160,6 +160,8 @@ fn main() {
             .clone();
         let dev: Arc<Mutex<dyn update_agent::disk::BlockDevice>> =
             Arc::new(Mutex::new(FileDevice::open(&disk).unwrap()));
+        // The workspace builds reqwest without a default TLS provider: install ring's.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder().build().unwrap();
         let plan = InstallPlan {
             slot: SlotId::B,

@@ -9,6 +9,7 @@
 #        REPEAT (runs per measurement, best kept; default 2)
 # Needs: curl, dd, sgdisk (gdisk), zstd. Not part of `cargo test`: it moves gigabytes.
 set -euo pipefail
+shopt -s inherit_errexit
 
 SIZES=("$@")
 [ ${#SIZES[@]} -eq 0 ] && SIZES=(256 1024)
@@ -23,7 +24,8 @@ for tool in curl dd sgdisk zstd; do
 done
 
 if [ -z "${NO_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release -q -p server-mock -p update-agent --example install_bench)
+    (cd "$ROOT" && cargo build --release -q -p server-mock --bin server-mock \
+        && cargo build --release -q -p update-agent --example install_bench)
 fi
 AGENT=$TARGET/release/examples/install_bench
 SERVER=$TARGET/release/server-mock
@@ -46,8 +48,8 @@ make_disk() { # $1 = partition MiB
     local disk=$BENCH_DIR/disk.img
     rm -f "$disk"
     truncate -s $(( 2 * $1 + 8 ))M "$disk"
-    sgdisk -q -n 3:2048:+"$1"M -c 3:USR-A -n 4:0:+"$1"M -c 4:USR-B "$disk" >/dev/null
-    sgdisk -q -A 3:set:56 -A 3:set:48 "$disk" >/dev/null   # A: successful, priority 1
+    sgdisk -n 3:2048:+"$1"M -c 3:USR-A -n 4:0:+"$1"M -c 4:USR-B "$disk" >/dev/null 2>&1
+    sgdisk -A 3:set:56 -A 3:set:48 "$disk" >/dev/null   # A: successful, priority 1
     echo "$disk"
 }
 part_offset() { # byte offset of partition 4
