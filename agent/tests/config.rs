@@ -290,6 +290,33 @@ fn trust_keys_inline_hex_base64_and_file() {
     let e = Config::from_toml_str(short).unwrap_err();
     assert!(e.to_string().contains("32 bytes"), "{e}");
 
+    // The publisher's JSON key file works as a key file too, its keyid checked.
+    let k4 = [4u8; 32];
+    let json = dir.path().join("ops4.pub.json");
+    let id4 = updater_proto::key_id(&k4);
+    std::fs::write(
+        &json,
+        format!(
+            "{{\"keytype\":\"ed25519\",\"keyid\":\"{id4}\",\"public\":\"{}\"}}",
+            hex::encode(k4)
+        ),
+    )
+    .unwrap();
+    let c =
+        Config::from_toml_str(&format!("[[trust.keys]]\nfile = \"{}\"\n", json.display())).unwrap();
+    assert_eq!(c.trust_policy().unwrap().keys()[0].key_id(), id4);
+    std::fs::write(
+        &json,
+        format!(
+            "{{\"keytype\":\"ed25519\",\"keyid\":\"{id1}\",\"public\":\"{}\"}}",
+            hex::encode(k4)
+        ),
+    )
+    .unwrap();
+    let e = Config::from_toml_str(&format!("[[trust.keys]]\nfile = \"{}\"\n", json.display()))
+        .unwrap_err();
+    assert_eq!(e.kind(), "config_key");
+
     let e = Config::default().trust_policy().unwrap_err();
     assert!(e.to_string().contains("trust.keys"), "{e}");
 }
