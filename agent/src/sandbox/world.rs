@@ -5,6 +5,7 @@
 //! The demo and the end-to-end tests drive the real agent code through it; nothing here stands
 //! in for product code.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -78,6 +79,55 @@ pub struct Release {
     pub version: String,
     pub serial: u64,
     pub images: Vec<ReleaseImage>,
+    /// The manifest as signed and served, so tests can alter and re-serve it.
+    pub manifest: Manifest,
+}
+
+/// What to publish, with the knobs tests need to make bad releases. [`PublishSpec::new`]
+/// gives a good release: zstd images, no waves, valid for a week, this sandbox's product.
+#[derive(Debug, Clone)]
+pub struct PublishSpec {
+    pub version: String,
+    pub compression: Compression,
+    pub waves: Vec<Wave>,
+    /// Seconds from now until the manifest expires; zero or negative: already expired.
+    pub expires_in_secs: i64,
+    pub product: String,
+    /// Image length for these roles instead of the default share of the partition.
+    pub image_len: BTreeMap<String, u64>,
+}
+
+impl PublishSpec {
+    pub fn new(version: &str) -> PublishSpec {
+        PublishSpec {
+            version: version.to_string(),
+            compression: Compression::Zstd,
+            waves: Vec::new(),
+            expires_in_secs: 7 * 24 * 3600,
+            product: PRODUCT.to_string(),
+            image_len: BTreeMap::new(),
+        }
+    }
+
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
+    }
+
+    pub fn expires_in_secs(mut self, secs: i64) -> Self {
+        self.expires_in_secs = secs;
+        self
+    }
+
+    pub fn product(mut self, product: &str) -> Self {
+        self.product = product.to_string();
+        self
+    }
+
+    pub fn image_len(mut self, role: &str, len: u64) -> Self {
+        self.image_len.insert(role.to_string(), len);
+        self
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -270,16 +320,29 @@ impl World {
     /// Publish `version`: an image per slot role (zstd), signed by both keys, with the next
     /// serial, as `manifest.json` in the repository.
     pub fn publish(&mut self, version: &str, waves: Vec<Wave>) -> Result<Release, SandboxError> {
+        let mut spec = PublishSpec::new(version);
+        spec.waves = waves;
+        self.publish_with(&spec)
+    }
+
+    /// Publish the release `spec` describes: an image per slot role, signed by both keys,
+    /// with the next serial, as `manifest.json` in the repository.
+    pub fn publish_with(&mut self, spec: &PublishSpec) -> Result<Release, SandboxError> {
         let slots = self.slots()?;
         let scratch = self.dir.join("scratch");
         std::fs::create_dir_all(&scratch).map_err(io("creating scratch dir"))?;
         let mut entries = Vec::new();
         let mut images = Vec::new();
         for (role, part) in &slots.b.parts {
-            let bytes = image_bytes(version, role, self.image_len(role, part.byte_len));
-            let src = scratch.join(format!("{role}-{version}.img"));
+            let len = spec
+                .image_len
+                .get(role)
+                .copied()
+                .unwrap_or_else(|| self.image_len(role, part.byte_len));
+            let bytes = image_bytes(&spec.version, role, len);
+            let src = scratch.join(format!("{role}-{}.img", spec.version));
             std::fs::write(&src, &bytes).map_err(io("writing a release image"))?;
-            let entry = crate::publish::prepare_image(&src, &self.repo, role, Compression::Zstd)
+            let entry = crate::publish::prepare_image(&src, &self.repo, role, spec.compression)
                 .map_err(setup)?;
             let mut sum = [0u8; 32];
             sum.copy_from_slice(digest(&SHA256, &bytes).as_ref());
@@ -291,28 +354,62 @@ impl World {
             entries.push(entry);
             let _ = std::fs::remove_file(&src);
         }
-        self.serial += 1;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        // An expired manifest is still a well-formed one: issued before it expired.
+        let expires_at = now + spec.expires_in_secs;
         let manifest = Manifest {
             schema_version: updater_proto::SCHEMA_VERSION,
-            product: PRODUCT.into(),
+            product: spec.product.clone(),
             channel: CHANNEL.into(),
-            version: semver::Version::parse(version).map_err(setup)?,
-            serial: self.serial,
-            issued_at: now,
-            expires_at: now + 7 * 24 * 3600,
+            version: semver::Version::parse(&spec.version).map_err(setup)?,
+            serial: 0,
+            issued_at: now.min(expires_at - 3600),
+            expires_at,
             min_running_version: None,
-            waves,
+            waves: spec.waves.clone(),
             images: entries,
         };
+        let manifest = self.serve_manifest(manifest)?;
+        Ok(Release {
+            version: spec.version.clone(),
+            serial: manifest.serial,
+            images,
+            manifest,
+        })
+    }
+
+    /// Sign `manifest` with both keys under the next serial and serve it as `manifest.json`
+    /// (for tests that alter a published manifest). Returns the manifest as signed.
+    pub fn serve_manifest(&mut self, mut manifest: Manifest) -> Result<Manifest, SandboxError> {
+        self.serial += 1;
+        manifest.serial = self.serial;
         let signed = crate::publish::sign_manifest(&manifest, &self.keys).map_err(setup)?;
         std::fs::write(self.repo.join("manifest.json"), signed)
             .map_err(io("writing manifest.json"))?;
-        Ok(Release {
-            version: version.into(),
-            serial: self.serial,
-            images,
-        })
+        Ok(manifest)
+    }
+
+    /// Set `[table] key = value` in the host's config.toml (e.g. `install`, `max_attempts`,
+    /// 1), keeping every other key; the next [`World::host`] reads it.
+    pub fn set_config(
+        &self,
+        table: &str,
+        key: &str,
+        value: impl Into<toml::Value>,
+    ) -> Result<(), SandboxError> {
+        let text = std::fs::read_to_string(&self.config_path).map_err(io("reading config.toml"))?;
+        let mut doc: toml::Table = text.parse().map_err(setup)?;
+        let entry = doc
+            .entry(table.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(t) = entry else {
+            return Err(SandboxError::Setup(format!(
+                "config.toml: [{table}] is not a table"
+            )));
+        };
+        t.insert(key.to_string(), value.into());
+        let out = toml::to_string(&doc).map_err(setup)?;
+        std::fs::write(&self.config_path, out).map_err(io("writing config.toml"))
     }
 
     /// Reboot: the boot simulator chooses a slot exactly as the loader would (and updates the
