@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::{AppState, FaultRule, LogEntry};
+use crate::{AppState, Fault, FaultRule, LogEntry};
 
 /// Routes nested under `/_admin`.
 pub(crate) fn routes() -> Router<AppState> {
@@ -21,14 +21,28 @@ async fn list_faults(State(s): State<AppState>) -> Json<Vec<FaultRule>> {
     Json(s.faults.list())
 }
 
-/// Arm one rule; echoes it back with 201.
+/// Arm one rule; echoes it back with 201, or 400 naming what is wrong with it.
 async fn add_fault(
     State(s): State<AppState>,
     Json(rule): Json<FaultRule>,
-) -> (StatusCode, Json<FaultRule>) {
+) -> Result<(StatusCode, Json<FaultRule>), (StatusCode, String)> {
+    if let Fault::Status(code) = rule.fault {
+        if !(100..=599).contains(&code) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("fault status {code} is not an HTTP status (100-599)\n"),
+            ));
+        }
+    }
+    if rule.times == Some(0) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "times 0 would never apply: leave it out for \"always\"\n".into(),
+        ));
+    }
     tracing::info!(?rule, "fault armed over HTTP");
     s.faults.add(rule.clone());
-    (StatusCode::CREATED, Json(rule))
+    Ok((StatusCode::CREATED, Json(rule)))
 }
 
 async fn clear_faults(State(s): State<AppState>) -> StatusCode {

@@ -142,6 +142,9 @@ impl Faults {
         let mut rules = self.lock();
         let mut out = Vec::new();
         rules.retain_mut(|r| {
+            if r.times == Some(0) {
+                return false;
+            }
             if !glob_match(&r.path, path) || (r.fault.is_raw() && !with_raw) {
                 return true;
             }

@@ -467,6 +467,19 @@ async fn admin_endpoints_script_faults_and_read_the_log() {
         .unwrap();
     assert!(bad.status().is_client_error(), "{}", bad.status());
     assert!(bad.text().await.unwrap().contains("explode"));
+    for body in [
+        r#"{"path":"/other","fault":{"status":42}}"#,
+        r#"{"path":"/other","times":0,"fault":{"status":500}}"#,
+    ] {
+        let bad = c
+            .post(admin("faults"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status(), 400, "{body}");
+    }
 
     c.post(admin("faults"))
         .header("content-type", "application/json")
