@@ -29,6 +29,15 @@ impl AlignedBuf {
         }
     }
 
+    /// A zero-length placeholder that owns no memory.
+    pub fn empty() -> Self {
+        AlignedBuf {
+            storage: Vec::new(),
+            start: 0,
+            len: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -55,126 +55,234 @@ pub(crate) struct ReadError {
     pub source: io::Error,
 }
 
-/// Hash `len` bytes at absolute `offset` (inside a partition ending at `limit`).
-pub(crate) fn hash_range(
-    mode: &Readback,
-    dev: &Mutex<dyn BlockDevice>,
-    offset: u64,
-    len: u64,
-    limit: u64,
+/// How the verifier reads.
+enum How<'a> {
+    Device(&'a Mutex<dyn BlockDevice>),
+    Direct { file: File, path: PathBuf },
+    DropCache { file: File },
+}
+
+/// Incremental read-back: hashes durable (already flushed) ranges of one image in order, so
+/// the read-back of early checkpoints overlaps the download of later ones.
+pub(crate) struct Verifier<'a> {
+    how: How<'a>,
+    ctx: digest::Context,
     buffer_size: usize,
-    progress: &mut dyn FnMut(u64),
-) -> Result<([u8; 32], ReadbackMethod), ReadError> {
-    match mode {
-        Readback::Off | Readback::Device => {
-            let read = |buf: &mut [u8], at: u64| -> io::Result<()> {
-                dev.lock()
-                    .map_err(|_| io::Error::other("block device lock poisoned"))?
-                    .read_at(buf, at)
-            };
-            let h = pipelined_hash(offset, len, len, buffer_size, read, progress)?;
-            Ok((h, ReadbackMethod::Device))
-        }
-        Readback::Uncached { path } => {
-            match direct(path, offset, len, limit, buffer_size, progress) {
-                Ok(Some(h)) => return Ok((h, ReadbackMethod::Direct)),
-                Ok(None) => {}
-                Err(e) => return Err(e),
+    /// End of the partition: aligned reads never go past it.
+    limit: u64,
+    /// No range read yet: a refusal of direct reads may still switch to the fallback.
+    fresh: bool,
+    /// Image bytes hashed so far.
+    pub done: u64,
+}
+
+impl<'a> Verifier<'a> {
+    /// A verifier for `mode` (`Off` reads through the device, for explicit re-checks).
+    pub fn open(
+        mode: &Readback,
+        dev: &'a Mutex<dyn BlockDevice>,
+        offset: u64,
+        limit: u64,
+        buffer_size: usize,
+    ) -> Result<Self, ReadError> {
+        let how = match mode {
+            Readback::Off | Readback::Device => How::Device(dev),
+            Readback::Uncached { path } => {
+                let aligned = offset % 512 == 0;
+                match OpenOptions::new()
+                    .read(true)
+                    .custom_flags(OFlag::O_DIRECT.bits())
+                    .open(path)
+                {
+                    Ok(file) if aligned => How::Direct {
+                        file,
+                        path: path.clone(),
+                    },
+                    Ok(_) => How::DropCache {
+                        file: open_plain(path, offset)?,
+                    },
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        debug!(path = %path.display(), "O_DIRECT refused; using fadvise");
+                        How::DropCache {
+                            file: open_plain(path, offset)?,
+                        }
+                    }
+                    Err(source) => {
+                        return Err(ReadError {
+                            op: "opening for read-back",
+                            offset,
+                            source,
+                        })
+                    }
+                }
             }
-            let h = drop_cache(path, offset, len, buffer_size, progress)?;
-            Ok((h, ReadbackMethod::DropCache))
+        };
+        Ok(Verifier {
+            how,
+            ctx: digest::Context::new(&digest::SHA256),
+            buffer_size,
+            limit,
+            fresh: true,
+            done: 0,
+        })
+    }
+
+    pub fn method(&self) -> ReadbackMethod {
+        match self.how {
+            How::Device(_) => ReadbackMethod::Device,
+            How::Direct { .. } => ReadbackMethod::Direct,
+            How::DropCache { .. } => ReadbackMethod::DropCache,
         }
+    }
+
+    /// Forget everything hashed (the source restarted from 0).
+    pub fn reset(&mut self) {
+        self.ctx = digest::Context::new(&digest::SHA256);
+        self.done = 0;
+    }
+
+    /// Hash `len` image bytes at absolute `offset`, which the writer has already flushed.
+    pub fn feed(
+        &mut self,
+        offset: u64,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), ReadError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let base = self.done;
+        let mut prog = |d: u64| progress(base + d);
+        let r = match &self.how {
+            How::Device(dev) => {
+                let read = |buf: &mut [u8], at: u64| -> io::Result<()> {
+                    dev.lock()
+                        .map_err(|_| io::Error::other("block device lock poisoned"))?
+                        .read_at(buf, at)
+                };
+                pipelined_hash(
+                    &mut self.ctx,
+                    offset,
+                    len,
+                    len,
+                    self.buffer_size,
+                    read,
+                    &mut prog,
+                )
+            }
+            How::Direct { file, path } => {
+                let align = if offset % IO_ALIGN as u64 == 0 {
+                    IO_ALIGN as u64
+                } else {
+                    512
+                };
+                let read_len = round_up(len, align);
+                if offset % align != 0 || offset + read_len > self.limit {
+                    // An unaligned tail at the very end of a partition: read it through the
+                    // cache after dropping it.
+                    let file = open_plain(path, offset)?;
+                    drop_range(&file, offset, len)?;
+                    let read = |buf: &mut [u8], at: u64| file.read_exact_at(buf, at);
+                    pipelined_hash(
+                        &mut self.ctx,
+                        offset,
+                        len,
+                        len,
+                        self.buffer_size,
+                        read,
+                        &mut prog,
+                    )
+                } else {
+                    let read = |buf: &mut [u8], at: u64| file.read_exact_at(buf, at);
+                    pipelined_hash(
+                        &mut self.ctx,
+                        offset,
+                        read_len,
+                        len,
+                        self.buffer_size,
+                        read,
+                        &mut prog,
+                    )
+                }
+            }
+            How::DropCache { file } => {
+                drop_range(file, offset, len)?;
+                let read = |buf: &mut [u8], at: u64| file.read_exact_at(buf, at);
+                pipelined_hash(
+                    &mut self.ctx,
+                    offset,
+                    len,
+                    len,
+                    self.buffer_size,
+                    read,
+                    &mut prog,
+                )
+            }
+        };
+        let refused_path = match (&r, &self.how) {
+            (Err(e), How::Direct { path, .. })
+                if self.fresh && e.source.raw_os_error() == Some(nix::libc::EINVAL) =>
+            {
+                Some(path.clone())
+            }
+            _ => None,
+        };
+        if let Some(path) = refused_path {
+            debug!("O_DIRECT read refused; using fadvise");
+            self.how = How::DropCache {
+                file: open_plain(&path, offset)?,
+            };
+            self.ctx = digest::Context::new(&digest::SHA256);
+            return self.feed(offset, len, progress);
+        }
+        r?;
+        self.fresh = false;
+        self.done += len;
+        Ok(())
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.ctx.finish().as_ref());
+        out
     }
 }
 
-/// `O_DIRECT` read-back; `Ok(None)` when the system refuses direct I/O here.
-fn direct(
-    path: &PathBuf,
-    offset: u64,
-    len: u64,
-    limit: u64,
-    buffer_size: usize,
-    progress: &mut dyn FnMut(u64),
-) -> Result<Option<[u8; 32]>, ReadError> {
-    let align = [IO_ALIGN as u64, 512].into_iter().find(|a| offset % a == 0);
-    let Some(align) = align else {
-        debug!(
-            offset,
-            "partition offset not sector aligned; no direct read-back"
-        );
-        return Ok(None);
-    };
-    let read_len = round_up(len, align);
-    if offset + read_len > limit {
-        debug!("aligned read-back would leave the partition; no direct read-back");
-        return Ok(None);
-    }
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(OFlag::O_DIRECT.bits())
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
-            debug!(path = %path.display(), "O_DIRECT refused; falling back to fadvise");
-            return Ok(None);
-        }
-        Err(source) => {
-            return Err(ReadError {
-                op: "opening for read-back",
-                offset,
-                source,
-            })
-        }
-    };
-    let read = |buf: &mut [u8], at: u64| file.read_exact_at(buf, at);
-    match pipelined_hash(offset, read_len, len, buffer_size, read, progress) {
-        Ok(h) => Ok(Some(h)),
-        // A filesystem that accepted the flag but rejects the first aligned read.
-        Err(e) if e.offset == offset && e.source.raw_os_error() == Some(nix::libc::EINVAL) => {
-            debug!("O_DIRECT read refused; falling back to fadvise");
-            Ok(None)
-        }
-        Err(e) => Err(e),
-    }
+fn open_plain(path: &PathBuf, offset: u64) -> Result<File, ReadError> {
+    File::open(path).map_err(|source| ReadError {
+        op: "opening for read-back",
+        offset,
+        source,
+    })
 }
 
-/// fsync, drop the cached pages of the range, then read it normally.
-fn drop_cache(
-    path: &PathBuf,
-    offset: u64,
-    len: u64,
-    buffer_size: usize,
-    progress: &mut dyn FnMut(u64),
-) -> Result<[u8; 32], ReadError> {
+/// fsync, then ask the kernel to drop the (now clean) cached pages of the range.
+fn drop_range(file: &File, offset: u64, len: u64) -> Result<(), ReadError> {
     let err = |op: &'static str| move |source: io::Error| ReadError { op, offset, source };
-    let file = File::open(path).map_err(err("opening for read-back"))?;
     file.sync_all().map_err(err("syncing before read-back"))?;
     let (o, l) = (
         i64::try_from(offset).unwrap_or(i64::MAX),
         i64::try_from(len).unwrap_or(i64::MAX),
     );
-    posix_fadvise(&file, o, l, PosixFadviseAdvice::POSIX_FADV_DONTNEED)
+    posix_fadvise(file, o, l, PosixFadviseAdvice::POSIX_FADV_DONTNEED)
         .map_err(|e| io::Error::from_raw_os_error(e as i32))
-        .map_err(err("dropping cached pages before read-back"))?;
-    let read = |buf: &mut [u8], at: u64| file.read_exact_at(buf, at);
-    pipelined_hash(offset, len, len, buffer_size, read, progress)
+        .map_err(err("dropping cached pages before read-back"))
 }
 
 /// Read `read_len` bytes from `offset` in `buffer_size` pieces on a helper thread, hashing the
-/// first `hash_len` of them here. Two buffers: one being read, one being hashed.
+/// first `hash_len` of them into `ctx` here. Two buffers: one being read, one being hashed.
 fn pipelined_hash<R>(
+    ctx: &mut digest::Context,
     offset: u64,
     read_len: u64,
     hash_len: u64,
     buffer_size: usize,
     read: R,
     progress: &mut dyn FnMut(u64),
-) -> Result<[u8; 32], ReadError>
+) -> Result<(), ReadError>
 where
     R: Fn(&mut [u8], u64) -> io::Result<()> + Send,
 {
-    let mut ctx = digest::Context::new(&digest::SHA256);
     std::thread::scope(|s| {
         let (full_tx, full_rx) = sync_channel::<Result<(AlignedBuf, u64, usize), ReadError>>(1);
         let (empty_tx, empty_rx) = sync_channel::<AlignedBuf>(2);
@@ -220,8 +328,5 @@ where
             let _ = empty_tx.send(buf);
         }
         Ok(())
-    })?;
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    Ok(out)
+    })
 }

@@ -1,7 +1,7 @@
 //! The blocking half of the pipeline: decode, hash, write, checkpoint, flush, read back.
 
 use super::buf::AlignedBuf;
-use super::readback::{self, ReadError, Readback};
+use super::readback::{ReadError, Readback, ReadbackMethod, Verifier};
 use super::{Compression, InstallError, Phase, TargetReport};
 use crate::boot::SlotId;
 use crate::disk::BlockDevice;
@@ -45,6 +45,15 @@ pub(crate) struct Job {
     pub checkpoint_bytes: u64,
     pub window_log_max: u32,
     pub readback: Readback,
+}
+
+/// Writer -> verifier thread.
+#[derive(Debug)]
+pub(crate) enum VMsg {
+    /// Read back and hash this flushed range (absolute offsets), next in image order.
+    Range { offset: u64, len: u64 },
+    /// The source restarted: hash from 0 again.
+    Reset,
 }
 
 /// Download task -> writer.
@@ -107,6 +116,8 @@ struct Writer<'a> {
     /// The decoder sits at a frame boundary (a complete stream so far).
     frame_done: bool,
     last_checkpoint: u64,
+    /// Durable ranges go here to be read back while writing continues.
+    verifier: Option<std::sync::mpsc::Sender<VMsg>>,
     fetched_this_run: u64,
     written_this_run: u64,
 }
@@ -116,6 +127,7 @@ impl<'a> Writer<'a> {
         job: &'a Job,
         dev: &'a Mutex<dyn BlockDevice>,
         ev: &'a mpsc::UnboundedSender<Event>,
+        verifier: Option<std::sync::mpsc::Sender<VMsg>>,
     ) -> Res<Self> {
         let decoder = match job.compression {
             Compression::None => None,
@@ -139,6 +151,7 @@ impl<'a> Writer<'a> {
             decoder,
             frame_done: false,
             last_checkpoint: 0,
+            verifier,
             fetched_this_run: 0,
             written_this_run: 0,
         })
@@ -191,7 +204,7 @@ impl<'a> Writer<'a> {
         }
         self.written = upto;
         self.compressed = upto;
-        self.last_checkpoint = upto;
+        self.verify_durable()?;
         info!(bytes = upto, "resuming after re-hashing the bytes on disk");
         Ok(())
     }
@@ -217,6 +230,13 @@ impl<'a> Writer<'a> {
         match self.decoder.is_some() {
             false => {
                 while !input.is_empty() {
+                    if self.fill == 0 && input.len() >= self.buf.len() {
+                        // A whole buffer at an aligned cursor: write it without copying.
+                        let (block, rest) = input.split_at(self.buf.len());
+                        self.write_block(block)?;
+                        input = rest;
+                        continue;
+                    }
                     let room = self.buf.len() - self.fill;
                     let n = room.min(input.len());
                     self.buf.as_mut_slice()[self.fill..self.fill + n].copy_from_slice(&input[..n]);
@@ -270,13 +290,23 @@ impl<'a> Writer<'a> {
         Ok(st.bytes_read)
     }
 
-    /// Hash and write the filled part of the buffer at the cursor; checkpoint when due.
+    /// Hash and write the filled part of the buffer at the cursor.
     fn commit(&mut self) -> Res<()> {
-        let job = self.job;
-        let n = self.fill;
-        if n == 0 {
+        if self.fill == 0 {
             return Ok(());
         }
+        let buf = std::mem::replace(&mut self.buf, AlignedBuf::empty());
+        let r = self.write_block(&buf.as_slice()[..self.fill]);
+        self.buf = buf;
+        self.fill = 0;
+        r
+    }
+
+    /// Hash and write `data` at the cursor; at each checkpoint fsync, record, and hand the
+    /// now durable range to the verifier.
+    fn write_block(&mut self, data: &[u8]) -> Res<()> {
+        let job = self.job;
+        let n = data.len();
         let end = self.written + n as u64;
         if end > job.expected_size || end > job.part_len {
             // Unreachable through feed/decode_step; kept so no path can write past the image.
@@ -287,7 +317,6 @@ impl<'a> Writer<'a> {
             }
             .into());
         }
-        let data = &self.buf.as_slice()[..n];
         self.image_hash.update(data);
         let at = job.part_offset + self.written;
         {
@@ -297,11 +326,10 @@ impl<'a> Writer<'a> {
         }
         self.written = end;
         self.written_this_run += n as u64;
-        self.fill = 0;
         self.progress(Phase::Writing, self.written)?;
         if self.written - self.last_checkpoint >= job.checkpoint_bytes {
             self.flush()?;
-            self.last_checkpoint = self.written;
+            self.verify_durable()?;
             let compressed_offset = match job.compression {
                 Compression::None => self.written,
                 Compression::Zstd => self.compressed,
@@ -311,6 +339,21 @@ impl<'a> Writer<'a> {
                 compressed_offset,
                 complete: false,
             })?;
+        }
+        Ok(())
+    }
+
+    /// Hand `last_checkpoint..written` (flushed) to the verifier and advance the checkpoint.
+    fn verify_durable(&mut self) -> Res<()> {
+        let range = VMsg::Range {
+            offset: self.job.part_offset + self.last_checkpoint,
+            len: self.written - self.last_checkpoint,
+        };
+        self.last_checkpoint = self.written;
+        if let Some(v) = &self.verifier {
+            // A closed channel means the verifier stopped on an error: it is reported when
+            // the writer joins it at the end.
+            let _ = v.send(range);
         }
         Ok(())
     }
@@ -337,6 +380,9 @@ impl<'a> Writer<'a> {
         self.frame_done = false;
         if let Some(d) = self.decoder.as_mut() {
             d.reinit().map_err(|e| self_decompress(self.job, e))?;
+        }
+        if let Some(v) = &self.verifier {
+            let _ = v.send(VMsg::Reset);
         }
         self.progress(Phase::Restarted, 0)
     }
@@ -386,6 +432,8 @@ impl<'a> Writer<'a> {
         }
         self.progress(Phase::Flushing, self.written)?;
         self.flush()?;
+        self.verify_durable()?;
+        self.verifier = None;
         let image = finish_hash(std::mem::replace(
             &mut self.image_hash,
             digest::Context::new(&digest::SHA256),
@@ -449,41 +497,20 @@ fn poisoned(job: &Job) -> WriterError {
     })
 }
 
-/// Read back the image range and compare with the expected hash.
-fn verify(
-    job: &Job,
-    mode: &Readback,
-    dev: &Mutex<dyn BlockDevice>,
-    ev: &mpsc::UnboundedSender<Event>,
-) -> Res<readback::ReadbackMethod> {
-    let mut prog = |done: u64| {
-        let _ = ev.send(Event::Progress {
-            phase: Phase::Verifying,
-            done,
-            total: job.expected_size,
-        });
-    };
-    let (actual, method) = readback::hash_range(
-        mode,
-        dev,
-        job.part_offset,
-        job.expected_size,
-        job.part_offset + job.part_len,
-        job.buffer_size,
-        &mut prog,
-    )
-    .map_err(|ReadError { op, offset, source }| {
-        WriterError::from(InstallError::Io {
-            role: job.role.clone(),
-            op,
-            device: match mode {
-                Readback::Uncached { path } => path.display().to_string(),
-                _ => job.device.clone(),
-            },
-            offset,
-            source,
-        })
-    })?;
+fn readback_io(job: &Job, mode: &Readback, e: ReadError) -> WriterError {
+    WriterError::from(InstallError::Io {
+        role: job.role.clone(),
+        op: e.op,
+        device: match mode {
+            Readback::Uncached { path } => path.display().to_string(),
+            _ => job.device.clone(),
+        },
+        offset: e.offset,
+        source: e.source,
+    })
+}
+
+fn check_readback(job: &Job, actual: [u8; 32], method: ReadbackMethod) -> Res<ReadbackMethod> {
     if actual != job.expected_sha256 {
         return Err(InstallError::ReadbackMismatch {
             slot: job.slot,
@@ -501,50 +528,99 @@ fn verify(
     Ok(method)
 }
 
+/// The verifier thread: read back each range the writer hands over, in order.
+fn verifier_thread(
+    job: &Job,
+    mode: &Readback,
+    dev: &Mutex<dyn BlockDevice>,
+    ev: &mpsc::UnboundedSender<Event>,
+    rx: std::sync::mpsc::Receiver<VMsg>,
+) -> Res<([u8; 32], ReadbackMethod)> {
+    let mut v = Verifier::open(
+        mode,
+        dev,
+        job.part_offset,
+        job.part_offset + job.part_len,
+        job.buffer_size,
+    )
+    .map_err(|e| readback_io(job, mode, e))?;
+    let mut prog = |done: u64| {
+        let _ = ev.send(Event::Progress {
+            phase: Phase::Verifying,
+            done,
+            total: job.expected_size,
+        });
+    };
+    while let Ok(m) = rx.recv() {
+        match m {
+            VMsg::Range { offset, len } => v
+                .feed(offset, len, &mut prog)
+                .map_err(|e| readback_io(job, mode, e))?,
+            VMsg::Reset => v.reset(),
+        }
+    }
+    let method = v.method();
+    Ok((v.finish(), method))
+}
+
 /// Run one target to completion on the current (blocking) thread.
 pub(crate) fn run(
     job: &Job,
     dev: &Mutex<dyn BlockDevice>,
-    mut rx: mpsc::Receiver<Msg>,
+    rx: mpsc::Receiver<Msg>,
     ev: &mpsc::UnboundedSender<Event>,
 ) -> Res<TargetReport> {
-    let send_complete = |compressed_offset: u64| {
+    if job.mode == Mode::VerifyExisting {
+        return verify_existing(job, dev, ev);
+    }
+    std::thread::scope(|s| {
+        let (vtx, verifier) = match &job.readback {
+            Readback::Off => (None, None),
+            mode => {
+                let (vtx, vrx) = std::sync::mpsc::channel();
+                let h = s.spawn(move || verifier_thread(job, mode, dev, ev, vrx));
+                (Some(vtx), Some(h))
+            }
+        };
+        let written = write_all(job, dev, rx, ev, vtx);
+        // The sender is gone (finished or failed): the verifier drains and ends.
+        let verified = verifier.map(|h| h.join());
+        let (mut report, t_end) = written?;
+        if let Some(v) = verified {
+            let (actual, method) = v.map_err(|_| {
+                WriterError::from(InstallError::Internal {
+                    role: job.role.clone(),
+                    reason: "read-back thread panicked".into(),
+                })
+            })??;
+            report.readback = Some(check_readback(job, actual, method)?);
+        }
+        report.readback_time = t_end.elapsed();
         ev.send(Event::Checkpoint {
             written: job.expected_size,
-            compressed_offset,
+            compressed_offset: job.compressed_size,
             complete: true,
         })
-        .map_err(|_| WriterError::StreamAborted)
-    };
-    if job.mode == Mode::VerifyExisting {
-        let t = Instant::now();
-        let mode = match &job.readback {
-            Readback::Off => Readback::Device,
-            m => m.clone(),
-        };
-        let method = verify(job, &mode, dev, ev)?;
-        info!("the disk already holds the verified image; nothing fetched");
+        .map_err(|_| WriterError::StreamAborted)?;
         let _ = ev.send(Event::Progress {
             phase: Phase::Done,
             done: job.expected_size,
             total: job.expected_size,
         });
-        send_complete(job.compressed_size)?;
-        return Ok(TargetReport {
-            role: job.role.clone(),
-            bytes_written: 0,
-            bytes_fetched: 0,
-            resumed_from: job.expected_size,
-            reused: true,
-            sha256: hex32(&job.expected_sha256),
-            readback: Some(method),
-            write_time: Duration::ZERO,
-            readback_time: t.elapsed(),
-        });
-    }
+        Ok(report)
+    })
+}
 
+/// Receive, decode, hash, write and flush; returns the report and when writing ended.
+fn write_all(
+    job: &Job,
+    dev: &Mutex<dyn BlockDevice>,
+    mut rx: mpsc::Receiver<Msg>,
+    ev: &mpsc::UnboundedSender<Event>,
+    verifier: Option<std::sync::mpsc::Sender<VMsg>>,
+) -> Res<(TargetReport, Instant)> {
     let t = Instant::now();
-    let mut w = Writer::new(job, dev, ev)?;
+    let mut w = Writer::new(job, dev, ev, verifier)?;
     if job.start_at > 0 {
         w.rehash_existing(job.start_at)?;
     }
@@ -569,23 +645,60 @@ pub(crate) fn run(
         secs = write_time.as_secs_f64(),
         "image written, flushed, stream hash verified"
     );
-    let t = Instant::now();
-    let readback = match &job.readback {
-        Readback::Off => None,
-        mode => Some(verify(job, mode, dev, ev)?),
-    };
-    let readback_time = t.elapsed();
-    send_complete(w.compressed)?;
-    w.progress(Phase::Done, job.expected_size)?;
-    Ok(TargetReport {
+    let report = TargetReport {
         role: job.role.clone(),
         bytes_written: w.written_this_run,
         bytes_fetched: w.fetched_this_run,
         resumed_from: if restarted { 0 } else { job.start_at },
         reused: false,
         sha256: hex32(&sha),
-        readback,
+        readback: None,
         write_time,
-        readback_time,
+        readback_time: Duration::ZERO,
+    };
+    Ok((report, Instant::now()))
+}
+
+/// The disk should already hold the image (a complete resume record): read it back.
+fn verify_existing(
+    job: &Job,
+    dev: &Mutex<dyn BlockDevice>,
+    ev: &mpsc::UnboundedSender<Event>,
+) -> Res<TargetReport> {
+    let t = Instant::now();
+    let mode = match &job.readback {
+        Readback::Off => Readback::Device,
+        m => m.clone(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _ = tx.send(VMsg::Range {
+        offset: job.part_offset,
+        len: job.expected_size,
+    });
+    drop(tx);
+    let (actual, method) = verifier_thread(job, &mode, dev, ev, rx)?;
+    let method = check_readback(job, actual, method)?;
+    info!("the disk already holds the verified image; nothing fetched");
+    ev.send(Event::Checkpoint {
+        written: job.expected_size,
+        compressed_offset: job.compressed_size,
+        complete: true,
+    })
+    .map_err(|_| WriterError::StreamAborted)?;
+    let _ = ev.send(Event::Progress {
+        phase: Phase::Done,
+        done: job.expected_size,
+        total: job.expected_size,
+    });
+    Ok(TargetReport {
+        role: job.role.clone(),
+        bytes_written: 0,
+        bytes_fetched: 0,
+        resumed_from: job.expected_size,
+        reused: true,
+        sha256: hex32(&job.expected_sha256),
+        readback: Some(method),
+        write_time: Duration::ZERO,
+        readback_time: t.elapsed(),
     })
 }
