@@ -651,3 +651,68 @@ async fn manifest_over_the_bound_is_too_large_without_reading_it() {
         .unwrap_err();
     assert_eq!(err.kind(), "too_large");
 }
+
+/// A one-connection server that answers with a chunked body of `total` bytes (no
+/// Content-Length, so only the streamed bytes can tell the size). Returns its URL and a
+/// task yielding how many body bytes it managed to write before the client hung up.
+async fn chunked_server(total: usize) -> (Url, tokio::task::JoinHandle<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = Url::parse(&format!("http://{}/m", listener.local_addr().unwrap())).unwrap();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let _ = s.read(&mut head).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'a'; 16 * 1024];
+        let mut written = 0;
+        while written < total {
+            let frame = [
+                format!("{:x}\r\n", chunk.len()).into_bytes(),
+                chunk.clone(),
+                b"\r\n".to_vec(),
+            ]
+            .concat();
+            if s.write_all(&frame).await.is_err() {
+                return written;
+            }
+            written += chunk.len();
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+        written
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn chunked_manifest_over_the_bound_stops_reading_at_the_bound() {
+    let total = 256 << 20;
+    let (url, server) = chunked_server(total).await;
+    let client = build_client(&cfg()).unwrap();
+    let err = fetch_manifest(&client, &ManifestSource::Url(url), 64 * 1024, &cfg())
+        .await
+        .unwrap_err();
+    let FetchError::TooLarge { seen, limit, .. } = err else {
+        panic!("{err}");
+    };
+    assert_eq!(limit, 64 * 1024);
+    assert!(seen > limit && seen <= limit + 16 * 1024, "{seen}");
+    drop(client);
+    let written = server.await.unwrap();
+    assert!(written < total / 2, "the client kept reading: {written}");
+}
+
+#[tokio::test]
+async fn chunked_image_longer_than_declared_is_too_long() {
+    let (url, _server) = chunked_server(1 << 20).await;
+    let c = cfg();
+    let mut d = Download::new(build_client(&c).unwrap(), url, 100_000, c);
+    let err = collect(&mut d).await.unwrap_err();
+    assert!(
+        matches!(err, FetchError::TooLong { expected: 100_000, got, .. } if got <= 100_000 + 16 * 1024),
+        "{err}"
+    );
+    assert!(d.offset() <= 100_000);
+}
