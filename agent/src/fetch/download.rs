@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, RANGE};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::retry::{classify_send, retry_after, Retry};
 use super::{redact, FetchConfig, FetchError, MinThroughput, Url};
@@ -68,6 +69,8 @@ pub struct Download {
     window: VecDeque<(Duration, u64)>,
     /// When the first `next_chunk` was called.
     started: Option<Instant>,
+    /// Every event of this download is logged inside it (URL, declared size).
+    span: tracing::Span,
 }
 
 impl std::fmt::Debug for Download {
@@ -93,9 +96,12 @@ impl Download {
     /// A download of `url` that must be exactly `expected_len` bytes (the manifest's size).
     pub fn new(client: reqwest::Client, url: Url, expected_len: u64, cfg: FetchConfig) -> Self {
         let retry = Retry::new(&cfg);
+        let shown = redact(&url);
+        let span = tracing::info_span!("download", url = %shown, expected_len);
         Self {
             client,
-            shown: redact(&url),
+            span,
+            shown,
             url,
             expected_len,
             cfg,
@@ -165,6 +171,11 @@ impl Download {
     /// The next chunk; `Ok(None)` once exactly `expected_len` bytes have been delivered.
     /// After an error the download may be continued by calling `next_chunk` again.
     pub async fn next_chunk(&mut self) -> Result<Option<Chunk>, FetchError> {
+        let span = self.span.clone();
+        self.next_chunk_inner().instrument(span).await
+    }
+
+    async fn next_chunk_inner(&mut self) -> Result<Option<Chunk>, FetchError> {
         self.retry.start();
         self.started.get_or_insert_with(Instant::now);
         loop {
@@ -225,7 +236,7 @@ impl Download {
                 },
             };
             self.body = None;
-            tracing::info!(url = %self.shown, offset = self.offset, error = %failure, "download interrupted");
+            tracing::info!(offset = self.offset, error = %failure, "download interrupted");
             self.retry.after_failure(&self.url, failure, None).await?;
         }
     }
@@ -298,7 +309,11 @@ impl Download {
             self.restart_pending = true;
             self.stats.restarts += 1;
         }
-        tracing::warn!(url = %self.shown, offset = self.offset, reason = why, "restarting the download from byte 0");
+        tracing::warn!(
+            offset = self.offset,
+            reason = why,
+            "restarting the download from byte 0"
+        );
         self.offset = 0;
         self.etag = None;
     }
@@ -321,7 +336,7 @@ impl Download {
             .retry
             .wait_budget(&self.url, self.cfg.connect_timeout + self.cfg.read_timeout)?;
         self.stats.requests += 1;
-        tracing::debug!(url = %self.shown, offset = self.offset, etag = ?self.etag, "requesting");
+        tracing::debug!(offset = self.offset, etag = ?self.etag, "requesting");
         let resp = match tokio::time::timeout(wait, req.send()).await {
             Err(_) if self.retry.expired() => return Err(self.retry.overall_timeout(&self.url)),
             Err(_) => {
@@ -393,7 +408,7 @@ impl Download {
                     self.etag = their_etag;
                 }
                 self.stats.resumes += 1;
-                tracing::info!(url = %self.shown, offset = self.offset, "resuming with a range request");
+                tracing::info!(offset = self.offset, "resuming with a range request");
                 Ok(Opened::Body(Box::pin(resp.bytes_stream())))
             }
             416 => Err(FetchError::Truncated {

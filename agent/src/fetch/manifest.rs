@@ -54,6 +54,7 @@ impl std::fmt::Display for ManifestSource {
 /// Read a manifest, failing with `too_large` as soon as it is known to exceed `max_bytes`
 /// (announced Content-Length, file size, or bytes streamed) without reading the rest.
 /// HTTP failures are retried as configured (5xx, 408, 429, connection errors, timeouts).
+#[tracing::instrument(name = "fetch_manifest", skip_all, fields(source = %source, max_bytes))]
 pub async fn fetch_manifest(
     client: &reqwest::Client,
     source: &ManifestSource,
