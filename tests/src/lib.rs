@@ -202,3 +202,15 @@ pub fn main_role(preset: Preset) -> &'static str {
         Preset::ChromeOs | Preset::Bottlerocket => "root",
     }
 }
+
+/// The fetcher's own kind (`timeout`, `truncated`, `too_long`, `http_status`...) behind an
+/// install's `fetch` error, if that is what `err` is.
+pub fn fetch_source_kind(err: &AgentError) -> Option<&'static str> {
+    match err {
+        AgentError::Install(e) => match e.as_ref() {
+            update_agent::install::InstallError::Fetch { source, .. } => Some(source.kind),
+            _ => None,
+        },
+        _ => None,
+    }
+}

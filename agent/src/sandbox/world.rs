@@ -251,7 +251,7 @@ impl World {
         self.preset.layout().resolve(&gpt).map_err(setup)
     }
 
-    /// What the factory does: write release 1.0.0 into slot A, mark it good, and boot it.
+    /// What the factory does: write release 1.0.0 into slot A, boot it, and mark it good.
     fn factory_install(&self) -> Result<(), SandboxError> {
         let slots = self.slots()?;
         let mut dev = FileDevice::open(&self.disk).map_err(setup)?;
@@ -305,6 +305,11 @@ impl World {
                 "the factory disk booted {booted:?}, not slot A"
             )));
         }
+        // The factory's first boot passes its health checks and is marked good, as on a real
+        // host: with the grubenv backend this resets A_TRY, without which the next reboot
+        // would find slot A's attempts used up.
+        let host = self.host().map_err(setup)?;
+        crate::ops::commit::mark_good(&host).map_err(setup)?;
         Ok(())
     }
 
