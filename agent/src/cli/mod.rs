@@ -35,6 +35,20 @@ pub enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Once per boot (before boot-complete.target): on a trial boot run the health checks and
+    /// commit or roll back; detect a fallback; on a normal boot confirm the booted slot.
+    HealthCheck(HealthCheckArgs),
+    /// Mark the booted slot good (commit it) without running the checks.
+    MarkGood,
+    /// Make the other slot (it must hold a verified, good image) boot next; denylist this one.
+    Rollback(RollbackArgs),
+    /// Drop a staged update before the reboot; the booted slot boots next again.
+    Cancel,
+    /// Installs, commits, rollbacks and failures with their times and reasons.
+    History(HistoryArgs),
+    /// The rollback drill: fail the next trial boot on purpose, then report the timeline.
+    #[command(subcommand)]
+    Drill(DrillCommand),
     /// Run the whole job in a self-contained sandbox: a GPT disk image file, keys, a signed
     /// update served over loopback, reboots through the boot simulator.
     Demo(DemoArgs),
@@ -66,6 +80,38 @@ pub struct ApplyArgs {
     /// Skip the read-back verification after writing (faster, less safe).
     #[arg(long)]
     pub no_readback: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthCheckArgs {
+    /// File holding the current boot's id (tests and sandboxes substitute their own).
+    #[arg(long, env = "UPDATE_AGENT_BOOT_ID_PATH", default_value = crate::state::BOOT_ID_PATH)]
+    pub boot_id_path: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Reboot into the other slot right away.
+    #[arg(long)]
+    pub reboot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Show only the newest N entries.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrillCommand {
+    /// Make the next trial boot's health check fail on purpose (once).
+    Arm,
+    /// Remove an armed drill that has not fired.
+    Disarm,
+    /// The last drill's timeline (staged, rebooted, check failed, flag flipped, booted old
+    /// slot) with durations and a pass/fail verdict.
+    Report,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +203,63 @@ pub fn run(
             out.emit(&report, || report.render());
             if args.reboot {
                 ops::reboot::reboot(&host)?;
+            }
+        }
+        Command::HealthCheck(args) => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let opts = ops::health::HealthOptions {
+                boot_id_path: args.boot_id_path,
+            };
+            let report = ops::health::health_check(&host, &opts)?;
+            out.emit(&report, || report.render());
+            if !report.healthy() {
+                return Ok(std::process::ExitCode::from(1));
+            }
+        }
+        Command::MarkGood => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let report = ops::commit::mark_good(&host)?;
+            out.emit(&report, || report.render());
+        }
+        Command::Rollback(args) => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let report = ops::rollback::rollback(&host, args.reboot)?;
+            out.emit(&report, || report.render());
+        }
+        Command::Cancel => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let report = ops::cancel::cancel(&host)?;
+            out.emit(&report, || report.render());
+        }
+        Command::History(args) => {
+            let host = Host::open(load_config(cli.config)?)?;
+            let report = ops::history::history(&host, args.limit)?;
+            out.emit(&report, || report.render());
+        }
+        Command::Drill(cmd) => {
+            let host = Host::open(load_config(cli.config)?)?;
+            match cmd {
+                DrillCommand::Arm => {
+                    let report = ops::drill::arm(&host)?;
+                    out.emit(&report, || report.render());
+                }
+                DrillCommand::Disarm => {
+                    let was = ops::drill::disarm(&host)?;
+                    out.emit(&serde_json::json!({"disarmed": was}), || {
+                        if was {
+                            "rollback drill disarmed".into()
+                        } else {
+                            "no drill was armed".into()
+                        }
+                    });
+                }
+                DrillCommand::Report => {
+                    let report = ops::drill::report(&host)?;
+                    out.emit(&report, || report.render());
+                    if report.verdict == ops::drill::DrillVerdict::Fail {
+                        return Ok(std::process::ExitCode::from(1));
+                    }
+                }
             }
         }
         Command::Demo(args) => {

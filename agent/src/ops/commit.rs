@@ -28,21 +28,29 @@ pub fn mark_good(host: &Host) -> Result<CommitReport, AgentError> {
     let _lock = crate::state::InstallLock::acquire(host.state.dir())?;
     let slots = host.slots()?;
     let booted = host.booted_slot(&slots)?.slot;
-    host.boot_control()?.commit(booted)?;
+    commit_slot(host, booted, "marked good by the operator")
+}
+
+/// Commit `slot` (the booted one) and record it with `reason`. The caller holds the lock.
+pub(crate) fn commit_slot(
+    host: &Host,
+    slot: SlotId,
+    reason: &str,
+) -> Result<CommitReport, AgentError> {
+    host.boot_control()?.commit(slot)?;
     let version = host.state.update(|s| {
-        let version = s.slots.get(&booted).map(|r| r.version.clone());
+        let version = s.slots.get(&slot).map(|r| r.version.clone());
         s.phase = Phase::Committed {
-            slot: booted,
+            slot,
             version: version.clone().unwrap_or_default(),
         };
         let mut entry = HistoryEntry::now(HistoryEvent::Committed);
         entry.version = version.clone();
-        entry.slot = Some(booted);
+        entry.slot = Some(slot);
+        entry.reason = Some(reason.to_string());
         s.record(entry);
         version
     })?;
-    Ok(CommitReport {
-        slot: booted,
-        version,
-    })
+    tracing::info!(%slot, version = ?version, reason, "slot committed");
+    Ok(CommitReport { slot, version })
 }

@@ -1,0 +1,410 @@
+//! `update-agent health-check`: once per boot, before `boot-complete.target`.
+//!
+//! - Trial boot (the staged slot booted): record `Trial{boot_id}`, run the checks; pass ->
+//!   commit the slot; fail -> flip back to the other slot, denylist the version, record why,
+//!   and reboot (`[health] reboot_on_failure`).
+//! - Fallback (a slot was staged but the loader booted the other one): the new slot failed
+//!   to boot; record it as a rollback and denylist the version.
+//! - Normal boot: confirm the booted slot (reset a GRUB attempt counter) and exit.
+//!
+//! Each boot's verdict is kept in the health journal under the kernel's boot id, so a second
+//! run on the same boot reports it and changes nothing.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::boot::SlotId;
+use crate::error::AgentError;
+use crate::health::journal::{BootKind, BootRun, Journal, RunOutcome};
+use crate::health::runner::{self, CheckEnv, CheckResult};
+use crate::health::{drill, HealthSettings};
+use crate::host::Host;
+use crate::ops::rollback;
+use crate::state::{HistoryEntry, HistoryEvent, InstallLock, Phase};
+
+/// What the caller can change about a run.
+#[derive(Debug, Clone)]
+pub struct HealthOptions {
+    /// Where the current boot's id is read (`/proc/sys/kernel/random/boot_id`).
+    pub boot_id_path: PathBuf,
+}
+
+impl Default for HealthOptions {
+    fn default() -> Self {
+        HealthOptions {
+            boot_id_path: PathBuf::from(crate::state::BOOT_ID_PATH),
+        }
+    }
+}
+
+/// What the health check found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    pub boot_id: String,
+    pub kind: BootKind,
+    pub booted: SlotId,
+    pub version: Option<String>,
+    pub outcome: RunOutcome,
+    /// An earlier run on this boot already recorded the verdict; nothing was done now.
+    pub already_recorded: bool,
+    pub reason: Option<String>,
+    pub checks: Vec<CheckResult>,
+    /// This trial failed on purpose for the rollback drill.
+    pub drill: bool,
+    pub rolled_back_to: Option<SlotId>,
+    pub denylisted: Option<String>,
+    /// The reboot command was run.
+    pub rebooting: bool,
+}
+
+impl HealthReport {
+    /// Whether this boot is fine to reach `boot-complete.target` (exit status 0).
+    pub fn healthy(&self) -> bool {
+        matches!(
+            self.outcome,
+            RunOutcome::Committed | RunOutcome::Confirmed | RunOutcome::FallbackDetected
+        )
+    }
+
+    fn from_run(run: &BootRun, already: bool) -> HealthReport {
+        HealthReport {
+            boot_id: run.boot_id.clone(),
+            kind: run.kind,
+            booted: run.booted,
+            version: run.version.clone(),
+            outcome: run.outcome,
+            already_recorded: already,
+            reason: run.reason.clone(),
+            checks: run.checks.clone(),
+            drill: run.drill_armed_at.is_some(),
+            rolled_back_to: run.rolled_back_to,
+            denylisted: None,
+            rebooting: false,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let version = self.version.as_deref().unwrap_or("unknown version");
+        let mut out = String::new();
+        if self.already_recorded {
+            out += &format!(
+                "the health check already ran on this boot ({}); its verdict stands and nothing was done again\n",
+                self.boot_id
+            );
+        }
+        out += &match (self.kind, self.outcome) {
+            (BootKind::Trial, RunOutcome::Committed) => format!(
+                "trial boot of slot {} ({version}): required checks passed; slot {} committed",
+                self.booted, self.booted
+            ),
+            (BootKind::Trial, RunOutcome::RolledBack) => format!(
+                "trial boot of slot {} ({version}) FAILED{}; slot {} boots next",
+                self.booted,
+                if self.drill { " (rollback drill)" } else { "" },
+                self.rolled_back_to
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "?".into())
+            ),
+            (BootKind::Fallback, _) => format!(
+                "fallback detected: booted slot {} ({version}) because the staged slot never came up",
+                self.booted
+            ),
+            (BootKind::Normal, _) => format!("normal boot of slot {} ({version}): confirmed", self.booted),
+            (_, outcome) => format!(
+                "{:?} boot of slot {} ({version}): {:?}",
+                self.kind, self.booted, outcome
+            ),
+        };
+        out += "\n";
+        if let Some(r) = &self.reason {
+            out += &format!("reason: {r}\n");
+        }
+        for c in &self.checks {
+            out += &format!("  {} [{} ms]\n", c.describe(), c.millis);
+        }
+        if let Some(d) = &self.denylisted {
+            out += &format!(
+                "{d} is denylisted: `apply` refuses it unless run with --allow-denylisted\n"
+            );
+        }
+        if self.rebooting {
+            out += "rebooting into the previous slot\n";
+        }
+        out.trim_end().to_string()
+    }
+}
+
+fn ts(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// Run the health check for the current boot.
+pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, AgentError> {
+    let settings = HealthSettings::from_config(&host.config);
+    let boot_id = crate::state::read_boot_id(&opts.boot_id_path)?;
+    let _span = tracing::info_span!("health_check", boot_id = %boot_id).entered();
+    let lock = InstallLock::acquire(host.state.dir())?;
+    let journal = Journal::load(host.state.dir())?;
+    if let Some(run) = journal.for_boot(&boot_id) {
+        if run.outcome != RunOutcome::InProgress {
+            tracing::info!(outcome = ?run.outcome, "verdict already recorded for this boot");
+            return Ok(HealthReport::from_run(run, true));
+        }
+        tracing::warn!("a health check on this boot started and never finished; running it again");
+    }
+    let slots = host.slots()?;
+    let booted = host.booted_slot(&slots)?.slot;
+    let state = host.state.load()?;
+    let pending = match &state.phase {
+        Phase::Staged { slot, version } | Phase::Trial { slot, version, .. } => Some((
+            *slot,
+            version.clone(),
+            matches!(state.phase, Phase::Trial { .. }),
+        )),
+        _ => None,
+    };
+    let ctx = Ctx {
+        host,
+        settings: &settings,
+        boot_id: &boot_id,
+        journal,
+    };
+    match pending {
+        Some((slot, version, _)) if slot == booted => trial(ctx, lock, slot, version),
+        Some((slot, version, was_trial)) => fallback(ctx, booted, slot, version, was_trial),
+        None => normal(ctx, booted),
+    }
+}
+
+struct Ctx<'a> {
+    host: &'a Host,
+    settings: &'a HealthSettings,
+    boot_id: &'a str,
+    journal: Journal,
+}
+
+impl Ctx<'_> {
+    fn save(&mut self, run: &BootRun) -> Result<(), AgentError> {
+        self.journal.upsert(run.clone());
+        Ok(self.journal.save(self.host.state.dir())?)
+    }
+}
+
+fn trial(
+    mut ctx: Ctx<'_>,
+    lock: InstallLock,
+    slot: SlotId,
+    version: String,
+) -> Result<HealthReport, AgentError> {
+    let host = ctx.host;
+    let dir = host.state.dir().to_path_buf();
+    let prior = ctx.journal.for_boot(ctx.boot_id).cloned();
+    let mut run = BootRun::start(ctx.boot_id, slot, Some(version.clone()), BootKind::Trial);
+    // A rerun after a crash mid-check keeps the first start and the drill it was armed with.
+    match &prior {
+        Some(p) => {
+            run.started_at = p.started_at;
+            run.drill_armed_at = p.drill_armed_at;
+        }
+        None => run.drill_armed_at = drill::peek(&dir)?.map(|m| m.armed_at),
+    }
+    host.state.update(|s| {
+        s.phase = Phase::Trial {
+            slot,
+            version: version.clone(),
+            boot_id: ctx.boot_id.to_string(),
+        }
+    })?;
+    // Journal first, then the marker goes: a crash in between keeps the drill armed in the
+    // journal's run, so it still fires exactly once.
+    ctx.save(&run)?;
+    if run.drill_armed_at.is_some() {
+        drill::take(&dir)?;
+    }
+    let drill_why = run.drill_armed_at.map(|t| {
+        format!(
+            "rollback drill armed at {}: this trial boot fails on purpose",
+            ts(t)
+        )
+    });
+    let checks = runner::collect(ctx.settings, drill_why);
+    tracing::info!(%slot, version, checks = checks.len(), "trial boot: running health checks");
+    let env = CheckEnv {
+        slot: slot.to_string(),
+        version: version.clone(),
+    };
+    let verdict = runner::run_all(&checks, ctx.settings.total_timeout, &env);
+    run.checks = verdict.results.clone();
+    run.checks_done_at = Some(OffsetDateTime::now_utc());
+
+    if verdict.passed {
+        let wanted: Vec<String> = verdict.wanted_failures().map(|r| r.name.clone()).collect();
+        let required = verdict.results.iter().filter(|r| r.required).count();
+        let reason = format!(
+            "health checks passed on the trial boot ({required} required{})",
+            if wanted.is_empty() {
+                String::new()
+            } else {
+                format!("; wanted checks failed, not fatal: {}", wanted.join(", "))
+            }
+        );
+        if let Err(e) = crate::ops::commit::commit_slot(host, slot, &reason) {
+            run.outcome = RunOutcome::Error;
+            run.reason = Some(format!(
+                "checks passed but committing slot {slot} failed: {e}"
+            ));
+            run.finished_at = Some(OffsetDateTime::now_utc());
+            ctx.save(&run)?;
+            return Err(e);
+        }
+        run.outcome = RunOutcome::Committed;
+        run.reason = Some(reason);
+        run.finished_at = Some(OffsetDateTime::now_utc());
+        ctx.save(&run)?;
+        return Ok(HealthReport::from_run(&run, false));
+    }
+
+    let failure = verdict
+        .first_failure()
+        .map(CheckResult::describe)
+        .unwrap_or_else(|| "no check passed".into());
+    let is_drill = run.drill_armed_at.is_some();
+    let reason = if is_drill {
+        format!("rollback drill on slot {slot} ({version}): {failure}")
+    } else {
+        format!("health check failed on slot {slot} ({version}): {failure}")
+    };
+    let mut boot = host.boot_control()?;
+    // The drill tests the mechanism, not the release: its version stays installable.
+    match rollback::roll_back(host, boot.as_mut(), slot, &reason, !is_drill) {
+        Ok(r) => {
+            run.outcome = RunOutcome::RolledBack;
+            run.rolled_back_at = Some(OffsetDateTime::now_utc());
+            run.rolled_back_to = Some(r.to);
+            run.reason = Some(reason);
+            run.finished_at = run.rolled_back_at;
+            ctx.save(&run)?;
+            drop(lock);
+            let mut report = HealthReport::from_run(&run, false);
+            report.denylisted = r.denylisted;
+            if ctx.settings.reboot_on_failure {
+                crate::ops::reboot::reboot(host)?;
+                report.rebooting = true;
+            }
+            Ok(report)
+        }
+        Err(e) => {
+            // Never committed, so the loader still falls back once its tries run out.
+            let why = format!(
+                "{reason}; flipping the boot flags back failed ({e}): slot {slot} stays \
+                 uncommitted and the loader falls back when its tries run out"
+            );
+            run.outcome = RunOutcome::Error;
+            run.reason = Some(why.clone());
+            run.finished_at = Some(OffsetDateTime::now_utc());
+            ctx.save(&run)?;
+            let kind = e.kind().to_string();
+            host.state.update(|s| {
+                s.phase = Phase::Failed {
+                    kind: kind.clone(),
+                    message: why.clone(),
+                };
+                let mut entry = HistoryEntry::now(HistoryEvent::Failed);
+                entry.version = Some(version.clone());
+                entry.slot = Some(slot);
+                entry.reason = Some(why.clone());
+                entry.error_kind = Some(kind.clone());
+                s.record(entry);
+            })?;
+            Err(e)
+        }
+    }
+}
+
+fn fallback(
+    mut ctx: Ctx<'_>,
+    booted: SlotId,
+    staged: SlotId,
+    version: String,
+    was_trial: bool,
+) -> Result<HealthReport, AgentError> {
+    let host = ctx.host;
+    let state = host.state.load()?;
+    let booted_version = state.slots.get(&booted).map(|r| r.version.clone());
+    let mut run = BootRun::start(ctx.boot_id, booted, booted_version, BootKind::Fallback);
+    let reason = format!(
+        "new slot failed to boot: slot {staged} ({version}) {}, and the loader fell back to slot {booted}",
+        if was_trial {
+            "started its trial boot but its health check never finished"
+        } else {
+            "never reached its health check"
+        }
+    );
+    tracing::error!(%staged, %booted, version, "{reason}");
+    let mut boot = host.boot_control()?;
+    let denylisted = match rollback::roll_back(host, boot.as_mut(), staged, &reason, true) {
+        Ok(r) => r.denylisted,
+        Err(e) => {
+            // The loader already gave up on the slot; record the truth even if the flags
+            // could not be tidied.
+            tracing::warn!(error = %e, "could not clear the failed slot's boot flags");
+            let reason = format!("{reason} (its boot flags were left as they are: {e})");
+            host.state.update(|s| {
+                s.deny(&version, &reason);
+                s.phase = Phase::RolledBack {
+                    reason: reason.clone(),
+                    from_version: Some(version.clone()),
+                };
+                let mut entry = HistoryEntry::now(HistoryEvent::RolledBack);
+                entry.version = Some(version.clone());
+                entry.slot = Some(staged);
+                entry.reason = Some(reason.clone());
+                entry.error_kind = Some(e.kind().to_string());
+                s.record(entry);
+            })?;
+            Some(version.clone())
+        }
+    };
+    run.outcome = RunOutcome::FallbackDetected;
+    run.rolled_back_at = Some(OffsetDateTime::now_utc());
+    run.rolled_back_to = Some(booted);
+    run.reason = Some(reason);
+    run.finished_at = run.rolled_back_at;
+    ctx.save(&run)?;
+    let mut report = HealthReport::from_run(&run, false);
+    report.denylisted = denylisted;
+    Ok(report)
+}
+
+fn normal(mut ctx: Ctx<'_>, booted: SlotId) -> Result<HealthReport, AgentError> {
+    let host = ctx.host;
+    let state = host.state.load()?;
+    let version = state.slots.get(&booted).map(|r| r.version.clone());
+    let mut run = BootRun::start(ctx.boot_id, booted, version.clone(), BootKind::Normal);
+    let mut boot = host.boot_control()?;
+    let good = boot
+        .status()?
+        .slots
+        .iter()
+        .any(|s| s.slot == booted && s.successful);
+    let reason = match &version {
+        Some(v) if state.is_denied(v) => {
+            tracing::warn!(%booted, version = v, "booted slot runs a denylisted version; not confirming it");
+            format!("not confirmed: slot {booted} runs {v}, which this host rolled back from")
+        }
+        _ if good => format!("slot {booted} is already marked good"),
+        _ => {
+            boot.commit(booted)?;
+            format!("slot {booted} confirmed (marked good, boot attempts reset)")
+        }
+    };
+    tracing::info!(%booted, "{reason}");
+    run.outcome = RunOutcome::Confirmed;
+    run.reason = Some(reason);
+    run.finished_at = Some(OffsetDateTime::now_utc());
+    ctx.save(&run)?;
+    Ok(HealthReport::from_run(&run, false))
+}
