@@ -147,6 +147,11 @@ pub struct World {
     pub cmdline: PathBuf,
     pub grubenv: PathBuf,
     pub config_path: PathBuf,
+    /// Stands in for `/proc/sys/kernel/random/boot_id`: a fresh id on every [`World::boot`].
+    pub boot_id: PathBuf,
+    /// `[health] required_dir` and `wanted_dir`.
+    pub required_d: PathBuf,
+    pub wanted_d: PathBuf,
     pub preset: Preset,
     pub backend: Backend,
     pub server: server_mock::ServerHandle,
@@ -192,6 +197,9 @@ impl World {
             cmdline: dir.join("cmdline"),
             grubenv: dir.join("grubenv"),
             config_path: dir.join("config.toml"),
+            boot_id: dir.join("boot_id"),
+            required_d: dir.join("health").join("required.d"),
+            wanted_d: dir.join("health").join("wanted.d"),
             disk,
             repo,
             state_dir,
@@ -213,6 +221,8 @@ impl World {
              [trust]\nproduct = {PRODUCT:?}\nchannel = {CHANNEL:?}\nthreshold = 2\n\n{key_entries}\
              [state]\ndir = {state:?}\n\n\
              [install]\nconnect_timeout = \"5s\"\nread_timeout = \"10s\"\n\n\
+             [health]\nrequired_dir = {required:?}\nwanted_dir = {wanted:?}\n\
+             check_timeout = \"10s\"\ntotal_timeout = \"60s\"\n\n\
              [reboot]\ncommand = [\"true\"]\n",
             disk = world.disk,
             layout = preset.name(),
@@ -220,7 +230,12 @@ impl World {
             cmdline = world.cmdline,
             url = world.manifest_url(),
             state = world.state_dir,
+            required = world.required_d,
+            wanted = world.wanted_d,
         );
+        for d in [&world.required_d, &world.wanted_d] {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
         std::fs::write(&world.config_path, config).map_err(io("writing config.toml"))?;
         world.factory_install()?;
         Ok(world)
@@ -445,7 +460,55 @@ impl World {
             None => "rescue\n".to_string(),
         };
         std::fs::write(&self.cmdline, cmdline).map_err(io("writing the kernel command line"))?;
+        std::fs::write(&self.boot_id, format!("{}\n", uuid::Uuid::new_v4()))
+            .map_err(io("writing the boot id"))?;
         Ok(slot)
+    }
+
+    /// How the health check finds this world's boot id.
+    pub fn health_options(&self) -> crate::ops::health::HealthOptions {
+        crate::ops::health::HealthOptions {
+            boot_id_path: self.boot_id.clone(),
+        }
+    }
+
+    /// Run `update-agent health-check` for the current (simulated) boot.
+    pub fn health_check(
+        &self,
+    ) -> Result<crate::ops::health::HealthReport, crate::error::AgentError> {
+        crate::ops::health::health_check(&self.host()?, &self.health_options())
+    }
+
+    /// Put an executable shell script `name` into `required.d` (or `wanted.d`).
+    pub fn add_check(
+        &self,
+        required: bool,
+        name: &str,
+        body: &str,
+    ) -> Result<PathBuf, SandboxError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = if required {
+            &self.required_d
+        } else {
+            &self.wanted_d
+        };
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))
+            .map_err(io(format!("writing check {}", path.display())))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(format!("chmod {}", path.display())))?;
+        Ok(path)
+    }
+
+    /// Remove every check script from `required.d` and `wanted.d`.
+    pub fn clear_checks(&self) -> Result<(), SandboxError> {
+        for d in [&self.required_d, &self.wanted_d] {
+            for e in std::fs::read_dir(d).map_err(io(format!("listing {}", d.display())))? {
+                let p = e.map_err(io("listing checks"))?.path();
+                std::fs::remove_file(&p).map_err(io(format!("removing {}", p.display())))?;
+            }
+        }
+        Ok(())
     }
 
     /// SHA-256 of the bytes of `slot`'s partition `role`, over `len` bytes.
