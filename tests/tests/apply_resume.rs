@@ -1,0 +1,151 @@
+//! Issue 4: a download dropped for good, then an agent restart: the second `apply` resumes
+//! from the last durable checkpoint with a Range request and completes; in between, a
+//! reboot boots the old slot.
+//!
+//! The checkpoint interval is the pipeline's default (64 MiB), so the slots are made big
+//! enough for one checkpoint to land well before the drop. A connection reset (RST) loses
+//! whatever sat in the socket buffers (a few MiB on loopback), hence the margins.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use e2e_tests::{
+    apply_default, assert_clean_failure, assert_slot_holds, fetch_source_kind, image_path,
+    snapshot, state, world,
+};
+use server_mock::{Fault, FaultRule, LogEntry};
+use update_agent::boot::SlotId;
+use update_agent::install::{ResumeRecord, DEFAULT_CHECKPOINT_BYTES};
+use update_agent::ops::resume::RESUME_FILE;
+use update_agent::sandbox::disk_image::Preset;
+use update_agent::sandbox::world::{Backend, PublishSpec, Release, World};
+use update_agent::state::Phase;
+use updater_proto::Compression;
+
+const MIB: u64 = 1 << 20;
+
+fn image_requests(world: &World, release: &Release) -> Vec<LogEntry> {
+    let path = image_path(release, "usr");
+    world
+        .server
+        .request_log()
+        .into_iter()
+        .filter(|e| e.path == path)
+        .collect()
+}
+
+fn resume_records(world: &World) -> Vec<ResumeRecord> {
+    let bytes = std::fs::read(world.state_dir.join(RESUME_FILE)).unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// First apply: the server cuts the connection with `fault(wire size)` and the agent may not
+/// retry (`max_attempts = 1`), so it fails after a checkpoint; a reboot boots slot A.
+async fn interrupted(
+    backend: Backend,
+    slot_mib: u64,
+    compression: Compression,
+    fault: fn(u64) -> Fault,
+) -> (tempfile::TempDir, World, Release) {
+    let (dir, mut world) = world(Preset::Flatcar, backend, slot_mib).await;
+    let release = world
+        .publish_with(&PublishSpec::new("2.0.0").compression(compression))
+        .unwrap();
+    assert!(release.images[0].size > DEFAULT_CHECKPOINT_BYTES + 4 * MIB);
+    world.set_config("install", "max_attempts", 1).unwrap();
+    let wire = release.manifest.images[0].compressed_size;
+    let path = image_path(&release, "usr");
+    world
+        .server
+        .set_fault(FaultRule::new(path.as_str(), fault(wire)).times(1));
+    let a_before = snapshot(&world, SlotId::A);
+    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    assert!(
+        matches!(fetch_source_kind(&err), Some("truncated" | "transport")),
+        "{err}"
+    );
+    (dir, world, release)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drop_then_agent_restart_resumes_from_the_checkpoint() {
+    let size = 84 * MIB;
+    let (_d, world, release) = interrupted(Backend::Gptprio, 112, Compression::None, |wire| {
+        Fault::DropAfter(wire - 4 * MIB)
+    })
+    .await;
+    assert_eq!(release.images[0].size, size);
+
+    let records = resume_records(&world);
+    let rec = records
+        .iter()
+        .find(|r| r.role == "usr" && r.slot == SlotId::B)
+        .unwrap_or_else(|| panic!("no checkpoint for usr: {records:?}"));
+    assert!(rec.resumable && !rec.complete, "{rec:?}");
+    assert_eq!(rec.written, DEFAULT_CHECKPOINT_BYTES, "{rec:?}");
+    let checkpoint = rec.written;
+
+    // The agent restarts (a fresh host from the config) and applies again.
+    world.server.clear_log();
+    let a_before = snapshot(&world, SlotId::A);
+    let report = apply_default(&world).await.unwrap();
+    assert_eq!(report.targets[0].resumed_from, checkpoint, "{report:?}");
+    assert_eq!(report.targets[0].bytes_fetched, size - checkpoint);
+
+    let log = image_requests(&world, &release);
+    assert_eq!(log.len(), 1, "one request for the rest: {log:#?}");
+    assert_eq!(
+        log[0].range.as_deref(),
+        Some(format!("bytes={checkpoint}-").as_str()),
+        "{log:#?}"
+    );
+    assert_eq!(log[0].status, 206);
+    assert_eq!(log[0].bytes_sent, size - checkpoint);
+
+    assert_eq!(
+        state(&world).phase,
+        Phase::Staged {
+            slot: SlotId::B,
+            version: "2.0.0".into()
+        }
+    );
+    assert!(
+        !world.state_dir.join(RESUME_FILE).exists(),
+        "checkpoints are cleared once staged"
+    );
+    assert_eq!(snapshot(&world, SlotId::A), a_before, "slot A changed");
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_slot_holds(&world, SlotId::B, &release);
+}
+
+/// A zstd stream's decoder state is not persisted, so after a restart it starts over from
+/// byte 0 (by design, see `install`'s docs), and still ends in a correct install.
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_after_agent_restart_starts_over_and_installs() {
+    // The cut must come after the 64 MiB checkpoint of *decompressed* bytes (of 72): late
+    // in the compressed stream. A clean close (FIN) loses nothing in the socket buffers.
+    let (_d, world, release) = interrupted(Backend::Grubenv, 96, Compression::Zstd, |wire| {
+        Fault::TruncateAfter(wire - wire / 32)
+    })
+    .await;
+    let records = resume_records(&world);
+    assert!(
+        records
+            .iter()
+            .any(|r| r.written >= DEFAULT_CHECKPOINT_BYTES),
+        "a checkpoint was written before the cut: {records:?}"
+    );
+    assert!(
+        records.iter().all(|r| !r.resumable),
+        "zstd checkpoints are not resumable: {records:?}"
+    );
+    world.server.clear_log();
+    let report = apply_default(&world).await.unwrap();
+    assert_eq!(report.targets[0].resumed_from, 0);
+    let log = image_requests(&world, &release);
+    assert_eq!(log.len(), 1, "{log:#?}");
+    assert!(
+        log[0].range.is_none() || log[0].range.as_deref() == Some("bytes=0-"),
+        "{log:#?}"
+    );
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_slot_holds(&world, SlotId::B, &release);
+}
