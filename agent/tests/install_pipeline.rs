@@ -948,9 +948,10 @@ async fn download_cannot_run_ahead_of_a_slow_disk_by_more_than_the_channel() {
     )
     .await;
     r.unwrap();
-    // In flight at most: the channel, the buffer waiting to enter it, the one the writer holds,
-    // the writer's fill buffer, and one source chunk.
-    let bound = (opts.channel_capacity as u64 + 3) * opts.buffer_size as u64 + chunk as u64;
+    // In flight at most: the channel, the buffer waiting to enter it, the one the decode stage
+    // holds, its fill buffer, the disk stage's queue slot and the block being written, and one
+    // source chunk.
+    let bound = (opts.channel_capacity as u64 + 5) * opts.buffer_size as u64 + chunk as u64;
     assert!(
         max_ahead > 0 && max_ahead <= bound,
         "ran ahead {max_ahead} > {bound}"

@@ -12,9 +12,14 @@
 //! written (each write is checked against the partition range). The partition tail beyond the
 //! image is left as it is, like RAUC and Bottlerocket: the image carries its own length.
 //!
-//! Memory: at most `channel_capacity + 2` input buffers, one write buffer and two read-back
+//! Memory: at most `channel_capacity + 2` input buffers, three write buffers and two read-back
 //! buffers of `buffer_size` bytes each, plus the zstd window (`2^zstd_window_log_max`), whatever
 //! the image size. See [`InstallOptions::memory_bound`].
+//!
+//! Threads: the download runs as a tokio task; a decode stage (wire hash, zstd) and a disk
+//! stage (image hash, writes, fsync at checkpoints) run on blocking threads joined by a
+//! one-slot channel; a verifier thread reads back each checkpointed range as soon as it is
+//! fsynced, so the read-back overlaps the download and only the tail is read after the end.
 
 mod buf;
 mod readback;
@@ -37,7 +42,7 @@ use tracing::{info, info_span, warn, Instrument};
 /// Default size of each pipeline buffer: large sequential writes, few syscalls.
 pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 /// Default number of buffers in flight between the download task and the writer.
-pub const DEFAULT_CHANNEL_CAPACITY: usize = 8;
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 4;
 /// Default distance between durable checkpoints (fsync, then resume record).
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Default cap on the zstd window: 2^23 = 8 MiB. Frames needing more are refused, so the
@@ -173,13 +178,14 @@ impl Default for InstallOptions {
 
 impl InstallOptions {
     /// Upper bound of the pipeline's buffer memory in bytes, independent of image size:
-    /// input buffers (channel + one being filled + one being consumed), the write buffer,
-    /// two read-back buffers, and the zstd window plus its block buffers.
+    /// input buffers (channel + one being filled + one being consumed), three write buffers
+    /// (filling, queued, being written; raw images pass input buffers through instead), two
+    /// read-back buffers, and the zstd window plus its block buffers.
     pub fn memory_bound(&self) -> u64 {
         let b = self.buffer_size as u64;
         let inputs = (self.channel_capacity as u64 + 2) * b;
         let zstd = (1u64 << self.zstd_window_log_max) + (256 << 10);
-        inputs + b + 2 * b + zstd
+        inputs + 3 * b + 2 * b + zstd
     }
 }
 
@@ -733,6 +739,10 @@ async fn run_job(
             },
         }),
         Ok(Err(writer::WriterError::Install(e))) => Err(*e),
+        Ok(Err(writer::WriterError::DiskStopped)) => Err(InstallError::Internal {
+            role: role.to_string(),
+            reason: "the disk stage stopped without an error".into(),
+        }),
         Err(join) => Err(InstallError::Internal {
             role: role.to_string(),
             reason: format!("writer thread failed: {join}"),

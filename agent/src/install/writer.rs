@@ -8,7 +8,8 @@ use crate::disk::BlockDevice;
 use bytes::Bytes;
 use ring::digest;
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -85,6 +86,8 @@ pub(crate) enum WriterError {
     /// The data channel closed without an end marker, or the async side went away: the
     /// reason is on the async side (fetch error, sink error).
     StreamAborted,
+    /// The disk stage stopped; its own error is the one to report.
+    DiskStopped,
     Install(Box<InstallError>),
 }
 
@@ -100,63 +103,58 @@ fn hex32(d: &[u8]) -> String {
     hex::encode(d)
 }
 
-struct Writer<'a> {
-    job: &'a Job,
-    dev: &'a Mutex<dyn BlockDevice>,
-    ev: &'a mpsc::UnboundedSender<Event>,
-    buf: AlignedBuf,
-    fill: usize,
-    /// Image bytes on disk from the partition start.
+/// A block of image bytes for the disk stage: a pipeline buffer (returned to the decode stage
+/// after writing) or a whole received buffer written without a copy.
+enum Block {
+    Owned(AlignedBuf, usize),
+    Shared(Bytes),
+}
+
+impl Block {
+    fn data(&self) -> &[u8] {
+        match self {
+            Block::Owned(b, n) => &b.as_slice()[..*n],
+            Block::Shared(b) => b,
+        }
+    }
+}
+
+/// Decode stage -> disk stage.
+enum DMsg {
+    Write(Block),
+    /// The source restarted: hash and count from 0.
+    Reset,
+    /// All blocks are sent: flush and report.
+    Finish,
+}
+
+/// What the disk stage reports at the end.
+struct DiskDone {
+    image: [u8; 32],
     written: u64,
-    /// Wire bytes consumed from the stream start.
-    compressed: u64,
-    image_hash: digest::Context,
-    wire_hash: Option<digest::Context>,
-    decoder: Option<Decoder<'static>>,
-    /// The decoder sits at a frame boundary (a complete stream so far).
-    frame_done: bool,
-    last_checkpoint: u64,
-    /// Durable ranges go here to be read back while writing continues.
-    verifier: Option<std::sync::mpsc::Sender<VMsg>>,
-    fetched_this_run: u64,
     written_this_run: u64,
 }
 
-impl<'a> Writer<'a> {
-    fn new(
-        job: &'a Job,
-        dev: &'a Mutex<dyn BlockDevice>,
-        ev: &'a mpsc::UnboundedSender<Event>,
-        verifier: Option<std::sync::mpsc::Sender<VMsg>>,
-    ) -> Res<Self> {
-        let decoder = match job.compression {
-            Compression::None => None,
-            Compression::Zstd => {
-                let mut d = Decoder::new().map_err(|e| self_decompress(job, e))?;
-                d.set_parameter(DParameter::WindowLogMax(job.window_log_max))
-                    .map_err(|e| self_decompress(job, e))?;
-                Some(d)
-            }
-        };
-        Ok(Writer {
-            job,
-            dev,
-            ev,
-            buf: AlignedBuf::new(job.buffer_size),
-            fill: 0,
-            written: 0,
-            compressed: 0,
-            image_hash: digest::Context::new(&digest::SHA256),
-            wire_hash: wire_hasher(job),
-            decoder,
-            frame_done: false,
-            last_checkpoint: 0,
-            verifier,
-            fetched_this_run: 0,
-            written_this_run: 0,
-        })
-    }
+/// Write buffers the decode stage may own at once (one filling, one queued, one writing).
+const WRITE_BUFFERS: usize = 3;
 
+/// The disk stage: hashes the image, writes it at the cursor, fsyncs at checkpoints and hands
+/// durable ranges to the verifier.
+struct DiskStage<'a> {
+    job: &'a Job,
+    dev: &'a Mutex<dyn BlockDevice>,
+    ev: &'a mpsc::UnboundedSender<Event>,
+    /// Image bytes on disk from the partition start.
+    written: u64,
+    last_checkpoint: u64,
+    image_hash: digest::Context,
+    verifier: Option<std::sync::mpsc::Sender<VMsg>>,
+    written_this_run: u64,
+    /// Wire bytes consumed when the last block was cut (for zstd checkpoint records).
+    compressed: Arc<AtomicU64>,
+}
+
+impl DiskStage<'_> {
     fn send(&self, ev: Event) -> Res<()> {
         self.ev.send(ev).map_err(|_| WriterError::StreamAborted)
     }
@@ -182,124 +180,23 @@ impl<'a> Writer<'a> {
     /// Re-hash the bytes a previous run left on disk so the stream hash continues.
     fn rehash_existing(&mut self, upto: u64) -> Res<()> {
         let job = self.job;
-        let ev = self.ev;
-        let prog = |done: u64| {
-            let _ = ev.send(Event::Progress {
-                phase: Phase::Rehashing,
-                done,
-                total: job.expected_size,
-            });
-        };
+        let mut buf = AlignedBuf::new(job.buffer_size);
         let mut pos = 0u64;
         while pos < upto {
-            let n = (upto - pos).min(self.buf.len() as u64) as usize;
+            let n = (upto - pos).min(buf.len() as u64) as usize;
             let at = job.part_offset + pos;
             let dev = self.dev.lock().map_err(|_| poisoned(job))?;
-            dev.read_at(&mut self.buf.as_mut_slice()[..n], at)
+            dev.read_at(&mut buf.as_mut_slice()[..n], at)
                 .map_err(|e| self.io_err("re-reading for resume", at, e))?;
             drop(dev);
-            self.image_hash.update(&self.buf.as_slice()[..n]);
+            self.image_hash.update(&buf.as_slice()[..n]);
             pos += n as u64;
-            prog(pos);
+            self.progress(Phase::Rehashing, pos)?;
         }
         self.written = upto;
-        self.compressed = upto;
-        self.verify_durable()?;
+        self.verify_durable();
         info!(bytes = upto, "resuming after re-hashing the bytes on disk");
         Ok(())
-    }
-
-    fn feed(&mut self, data: &[u8]) -> Res<()> {
-        let job = self.job;
-        self.compressed += data.len() as u64;
-        self.fetched_this_run += data.len() as u64;
-        if self.compressed > job.compressed_size {
-            return Err(InstallError::SizeMismatch {
-                role: job.role.clone(),
-                url: job.url.clone(),
-                what: "compressed",
-                expected: job.compressed_size,
-                actual: self.compressed,
-            }
-            .into());
-        }
-        if let Some(h) = self.wire_hash.as_mut() {
-            h.update(data);
-        }
-        let mut input = data;
-        match self.decoder.is_some() {
-            false => {
-                while !input.is_empty() {
-                    if self.fill == 0 && input.len() >= self.buf.len() {
-                        // A whole buffer at an aligned cursor: write it without copying.
-                        let (block, rest) = input.split_at(self.buf.len());
-                        self.write_block(block)?;
-                        input = rest;
-                        continue;
-                    }
-                    let room = self.buf.len() - self.fill;
-                    let n = room.min(input.len());
-                    self.buf.as_mut_slice()[self.fill..self.fill + n].copy_from_slice(&input[..n]);
-                    self.fill += n;
-                    input = &input[n..];
-                    if self.fill == self.buf.len() {
-                        self.commit()?;
-                    }
-                }
-            }
-            true => {
-                while !input.is_empty() {
-                    let made = self.decode_step(input)?;
-                    input = &input[made..];
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One decoder call on `input` into the free part of the buffer; returns bytes consumed.
-    fn decode_step(&mut self, input: &[u8]) -> Res<usize> {
-        let job = self.job;
-        let fill = self.fill;
-        let Some(dec) = self.decoder.as_mut() else {
-            return Ok(input.len());
-        };
-        let st = dec
-            .run_on_buffers(input, &mut self.buf.as_mut_slice()[fill..])
-            .map_err(|e| self_decompress(job, e))?;
-        self.fill += st.bytes_written;
-        if st.bytes_read > 0 || st.bytes_written > 0 {
-            self.frame_done = st.remaining == 0;
-        }
-        if self.written + self.fill as u64 > job.expected_size {
-            return Err(InstallError::DecompressedTooLong {
-                role: job.role.clone(),
-                url: job.url.clone(),
-                limit: job.expected_size,
-            }
-            .into());
-        }
-        if self.fill == self.buf.len() {
-            self.commit()?;
-        } else if st.bytes_read == 0 && st.bytes_written == 0 && !input.is_empty() {
-            return Err(self_decompress(
-                job,
-                io::Error::other("the decoder made no progress"),
-            ));
-        }
-        Ok(st.bytes_read)
-    }
-
-    /// Hash and write the filled part of the buffer at the cursor.
-    fn commit(&mut self) -> Res<()> {
-        if self.fill == 0 {
-            return Ok(());
-        }
-        let buf = std::mem::replace(&mut self.buf, AlignedBuf::empty());
-        let r = self.write_block(&buf.as_slice()[..self.fill]);
-        self.buf = buf;
-        self.fill = 0;
-        r
     }
 
     /// Hash and write `data` at the cursor; at each checkpoint fsync, record, and hand the
@@ -309,7 +206,7 @@ impl<'a> Writer<'a> {
         let n = data.len();
         let end = self.written + n as u64;
         if end > job.expected_size || end > job.part_len {
-            // Unreachable through feed/decode_step; kept so no path can write past the image.
+            // Unreachable through the decode stage; kept so no path can write past the image.
             return Err(InstallError::DecompressedTooLong {
                 role: job.role.clone(),
                 url: job.url.clone(),
@@ -329,10 +226,10 @@ impl<'a> Writer<'a> {
         self.progress(Phase::Writing, self.written)?;
         if self.written - self.last_checkpoint >= job.checkpoint_bytes {
             self.flush()?;
-            self.verify_durable()?;
+            self.verify_durable();
             let compressed_offset = match job.compression {
                 Compression::None => self.written,
-                Compression::Zstd => self.compressed,
+                Compression::Zstd => self.compressed.load(Ordering::Relaxed),
             };
             self.send(Event::Checkpoint {
                 written: self.written,
@@ -344,7 +241,7 @@ impl<'a> Writer<'a> {
     }
 
     /// Hand `last_checkpoint..written` (flushed) to the verifier and advance the checkpoint.
-    fn verify_durable(&mut self) -> Res<()> {
+    fn verify_durable(&mut self) {
         let range = VMsg::Range {
             offset: self.job.part_offset + self.last_checkpoint,
             len: self.written - self.last_checkpoint,
@@ -352,10 +249,9 @@ impl<'a> Writer<'a> {
         self.last_checkpoint = self.written;
         if let Some(v) = &self.verifier {
             // A closed channel means the verifier stopped on an error: it is reported when
-            // the writer joins it at the end.
+            // it is joined at the end.
             let _ = v.send(range);
         }
-        Ok(())
     }
 
     fn flush(&mut self) -> Res<()> {
@@ -365,37 +261,218 @@ impl<'a> Writer<'a> {
             .map_err(|e| self.io_err("flushing", job.part_offset, e))
     }
 
+    fn reset(&mut self) {
+        self.written = 0;
+        self.last_checkpoint = 0;
+        self.image_hash = digest::Context::new(&digest::SHA256);
+        if let Some(v) = &self.verifier {
+            let _ = v.send(VMsg::Reset);
+        }
+    }
+}
+
+/// The disk stage's thread body.
+fn disk_thread(
+    mut d: DiskStage<'_>,
+    rx: std::sync::mpsc::Receiver<DMsg>,
+    free: std::sync::mpsc::Sender<AlignedBuf>,
+) -> Res<DiskDone> {
+    if d.job.start_at > 0 {
+        d.rehash_existing(d.job.start_at)?;
+    }
+    loop {
+        match rx.recv() {
+            Err(_) => return Err(WriterError::StreamAborted),
+            Ok(DMsg::Write(block)) => {
+                d.write_block(block.data())?;
+                if let Block::Owned(buf, _) = block {
+                    let _ = free.send(buf);
+                }
+            }
+            Ok(DMsg::Reset) => d.reset(),
+            Ok(DMsg::Finish) => break,
+        }
+    }
+    d.progress(Phase::Flushing, d.written)?;
+    d.flush()?;
+    d.verify_durable();
+    d.verifier = None;
+    let image = finish_hash(std::mem::replace(
+        &mut d.image_hash,
+        digest::Context::new(&digest::SHA256),
+    ));
+    Ok(DiskDone {
+        image,
+        written: d.written,
+        written_this_run: d.written_this_run,
+    })
+}
+
+/// The decode stage: counts and hashes wire bytes, decompresses, cuts the image into blocks
+/// for the disk stage.
+struct Decode<'a> {
+    job: &'a Job,
+    ev: &'a mpsc::UnboundedSender<Event>,
+    buf: AlignedBuf,
+    fill: usize,
+    /// Image bytes handed to the disk stage.
+    queued: u64,
+    /// Wire bytes consumed from the stream start.
+    compressed: u64,
+    compressed_shared: Arc<AtomicU64>,
+    wire_hash: Option<digest::Context>,
+    decoder: Option<Decoder<'static>>,
+    /// The decoder sits at a frame boundary (a complete stream so far).
+    frame_done: bool,
+    fetched_this_run: u64,
+    to_disk: std::sync::mpsc::SyncSender<DMsg>,
+    free: std::sync::mpsc::Receiver<AlignedBuf>,
+    allocated: usize,
+}
+
+impl Decode<'_> {
+    fn hand_off(&mut self, m: DMsg) -> Res<()> {
+        self.compressed_shared
+            .store(self.compressed, Ordering::Relaxed);
+        self.to_disk.send(m).map_err(|_| WriterError::DiskStopped)
+    }
+
+    /// An empty write buffer: a recycled one, a new one up to the limit, or wait for one.
+    fn next_buf(&mut self) -> Res<AlignedBuf> {
+        if let Ok(b) = self.free.try_recv() {
+            return Ok(b);
+        }
+        if self.allocated < WRITE_BUFFERS {
+            self.allocated += 1;
+            return Ok(AlignedBuf::new(self.job.buffer_size));
+        }
+        self.free.recv().map_err(|_| WriterError::DiskStopped)
+    }
+
+    fn feed(&mut self, data: Bytes) -> Res<()> {
+        let job = self.job;
+        self.compressed += data.len() as u64;
+        self.fetched_this_run += data.len() as u64;
+        if self.compressed > job.compressed_size {
+            return Err(InstallError::SizeMismatch {
+                role: job.role.clone(),
+                url: job.url.clone(),
+                what: "compressed",
+                expected: job.compressed_size,
+                actual: self.compressed,
+            }
+            .into());
+        }
+        if let Some(h) = self.wire_hash.as_mut() {
+            h.update(&data);
+        }
+        if self.decoder.is_some() {
+            let mut input: &[u8] = &data;
+            while !input.is_empty() {
+                let made = self.decode_step(input)?;
+                input = &input[made..];
+            }
+            return Ok(());
+        }
+        let size = self.buf.len();
+        let mut pos = 0;
+        while pos < data.len() {
+            if self.fill == 0 && data.len() - pos >= size {
+                // A whole buffer at an aligned cursor: hand it over without copying.
+                self.hand_off(DMsg::Write(Block::Shared(data.slice(pos..pos + size))))?;
+                self.queued += size as u64;
+                pos += size;
+                continue;
+            }
+            let n = (size - self.fill).min(data.len() - pos);
+            self.buf.as_mut_slice()[self.fill..self.fill + n].copy_from_slice(&data[pos..pos + n]);
+            self.fill += n;
+            pos += n;
+            if self.fill == size {
+                self.commit()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One decoder call on `input` into the free part of the buffer; returns bytes consumed.
+    fn decode_step(&mut self, input: &[u8]) -> Res<usize> {
+        let job = self.job;
+        let fill = self.fill;
+        let Some(dec) = self.decoder.as_mut() else {
+            return Ok(input.len());
+        };
+        let st = dec
+            .run_on_buffers(input, &mut self.buf.as_mut_slice()[fill..])
+            .map_err(|e| self_decompress(job, e))?;
+        self.fill += st.bytes_written;
+        if st.bytes_read > 0 || st.bytes_written > 0 {
+            self.frame_done = st.remaining == 0;
+        }
+        if self.queued + self.fill as u64 > job.expected_size {
+            return Err(InstallError::DecompressedTooLong {
+                role: job.role.clone(),
+                url: job.url.clone(),
+                limit: job.expected_size,
+            }
+            .into());
+        }
+        if self.fill == self.buf.len() {
+            self.commit()?;
+        } else if st.bytes_read == 0 && st.bytes_written == 0 && !input.is_empty() {
+            return Err(self_decompress(
+                job,
+                io::Error::other("the decoder made no progress"),
+            ));
+        }
+        Ok(st.bytes_read)
+    }
+
+    /// Hand the filled part of the buffer to the disk stage.
+    fn commit(&mut self) -> Res<()> {
+        if self.fill == 0 {
+            return Ok(());
+        }
+        let next = self.next_buf()?;
+        let full = std::mem::replace(&mut self.buf, next);
+        let n = std::mem::take(&mut self.fill);
+        self.queued += n as u64;
+        self.hand_off(DMsg::Write(Block::Owned(full, n)))
+    }
+
     /// The source started over: forget everything streamed so far.
     fn restart(&mut self) -> Res<()> {
         warn!(
-            discarded = self.written,
+            discarded = self.queued,
             "source restarted from byte 0; hashing from 0"
         );
         self.fill = 0;
-        self.written = 0;
+        self.queued = 0;
         self.compressed = 0;
-        self.last_checkpoint = 0;
-        self.image_hash = digest::Context::new(&digest::SHA256);
         self.wire_hash = wire_hasher(self.job);
         self.frame_done = false;
         if let Some(d) = self.decoder.as_mut() {
             d.reinit().map_err(|e| self_decompress(self.job, e))?;
         }
-        if let Some(v) = &self.verifier {
-            let _ = v.send(VMsg::Reset);
-        }
-        self.progress(Phase::Restarted, 0)
+        self.hand_off(DMsg::Reset)?;
+        self.ev
+            .send(Event::Progress {
+                phase: Phase::Restarted,
+                done: 0,
+                total: self.job.expected_size,
+            })
+            .map_err(|_| WriterError::StreamAborted)
     }
 
-    /// End of stream: drain the decoder, write the tail, check sizes and hashes, fsync.
-    fn finish(&mut self) -> Res<[u8; 32]> {
+    /// End of stream: drain the decoder, hand over the tail, check sizes; returns the wire
+    /// hash when one is computed.
+    fn finish(&mut self) -> Res<Option<[u8; 32]>> {
         let job = self.job;
         if self.decoder.is_some() {
             loop {
-                let before = self.fill;
-                let committed = self.written;
+                let before = (self.fill, self.queued);
                 self.decode_step(&[])?;
-                if self.fill == before && self.written == committed {
+                if (self.fill, self.queued) == before {
                     break;
                 }
             }
@@ -420,52 +497,18 @@ impl<'a> Writer<'a> {
                 ),
             ));
         }
-        if self.written != job.expected_size {
+        if self.queued != job.expected_size {
             return Err(InstallError::SizeMismatch {
                 role: job.role.clone(),
                 url: job.url.clone(),
                 what: "image",
                 expected: job.expected_size,
-                actual: self.written,
+                actual: self.queued,
             }
             .into());
         }
-        self.progress(Phase::Flushing, self.written)?;
-        self.flush()?;
-        self.verify_durable()?;
-        self.verifier = None;
-        let image = finish_hash(std::mem::replace(
-            &mut self.image_hash,
-            digest::Context::new(&digest::SHA256),
-        ));
-        let wire = match (self.wire_hash.take(), job.compression) {
-            (Some(h), _) => Some(finish_hash(h)),
-            (None, Compression::None) => Some(image),
-            (None, Compression::Zstd) => None,
-        };
-        if let (Some(expected), Some(actual)) = (job.compressed_sha256, wire) {
-            if expected != actual {
-                return Err(InstallError::HashMismatch {
-                    role: job.role.clone(),
-                    url: job.url.clone(),
-                    what: "compressed stream",
-                    expected: hex32(&expected),
-                    actual: hex32(&actual),
-                }
-                .into());
-            }
-        }
-        if image != job.expected_sha256 {
-            return Err(InstallError::HashMismatch {
-                role: job.role.clone(),
-                url: job.url.clone(),
-                what: "image",
-                expected: hex32(&job.expected_sha256),
-                actual: hex32(&image),
-            }
-            .into());
-        }
-        Ok(image)
+        self.hand_off(DMsg::Finish)?;
+        Ok(self.wire_hash.take().map(finish_hash))
     }
 }
 
@@ -611,7 +654,8 @@ pub(crate) fn run(
     })
 }
 
-/// Receive, decode, hash, write and flush; returns the report and when writing ended.
+/// Receive, decode, hash, write and flush on two threads (decode stage here, disk stage
+/// beside it); returns the report and when writing ended.
 fn write_all(
     job: &Job,
     dev: &Mutex<dyn BlockDevice>,
@@ -620,43 +664,123 @@ fn write_all(
     verifier: Option<std::sync::mpsc::Sender<VMsg>>,
 ) -> Res<(TargetReport, Instant)> {
     let t = Instant::now();
-    let mut w = Writer::new(job, dev, ev, verifier)?;
-    if job.start_at > 0 {
-        w.rehash_existing(job.start_at)?;
-    }
-    let mut restarted = false;
-    loop {
-        match rx.blocking_recv() {
-            None => return Err(WriterError::StreamAborted),
-            Some(Msg::Data(b)) => w.feed(&b)?,
-            Some(Msg::Restarted) => {
-                restarted = true;
-                w.restart()?;
-            }
-            Some(Msg::End) => break,
+    let decoder = match job.compression {
+        Compression::None => None,
+        Compression::Zstd => {
+            let mut d = Decoder::new().map_err(|e| self_decompress(job, e))?;
+            d.set_parameter(DParameter::WindowLogMax(job.window_log_max))
+                .map_err(|e| self_decompress(job, e))?;
+            Some(d)
         }
-    }
-    drop(rx);
-    let sha = w.finish()?;
-    let write_time = t.elapsed();
-    info!(
-        bytes = w.written_this_run,
-        fetched = w.fetched_this_run,
-        secs = write_time.as_secs_f64(),
-        "image written, flushed, stream hash verified"
-    );
-    let report = TargetReport {
-        role: job.role.clone(),
-        bytes_written: w.written_this_run,
-        bytes_fetched: w.fetched_this_run,
-        resumed_from: if restarted { 0 } else { job.start_at },
-        reused: false,
-        sha256: hex32(&sha),
-        readback: None,
-        write_time,
-        readback_time: Duration::ZERO,
     };
-    Ok((report, Instant::now()))
+    let compressed_shared = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        let (dtx, drx) = std::sync::mpsc::sync_channel::<DMsg>(1);
+        let (ftx, frx) = std::sync::mpsc::channel::<AlignedBuf>();
+        let stage = DiskStage {
+            job,
+            dev,
+            ev,
+            written: 0,
+            last_checkpoint: 0,
+            image_hash: digest::Context::new(&digest::SHA256),
+            verifier,
+            written_this_run: 0,
+            compressed: compressed_shared.clone(),
+        };
+        let disk = s.spawn(move || disk_thread(stage, drx, ftx));
+        let mut d = Decode {
+            job,
+            ev,
+            buf: AlignedBuf::new(job.buffer_size),
+            fill: 0,
+            queued: job.start_at,
+            compressed: job.start_at,
+            compressed_shared,
+            wire_hash: wire_hasher(job),
+            decoder,
+            frame_done: false,
+            fetched_this_run: 0,
+            to_disk: dtx,
+            free: frx,
+            allocated: 1,
+        };
+        let mut restarted = false;
+        let decoded = (|| {
+            loop {
+                match rx.blocking_recv() {
+                    None => return Err(WriterError::StreamAborted),
+                    Some(Msg::Data(b)) => d.feed(b)?,
+                    Some(Msg::Restarted) => {
+                        restarted = true;
+                        d.restart()?;
+                    }
+                    Some(Msg::End) => break,
+                }
+            }
+            d.finish()
+        })();
+        rx.close();
+        let fetched = d.fetched_this_run;
+        drop(d);
+        let disk = disk.join().map_err(|_| {
+            WriterError::from(InstallError::Internal {
+                role: job.role.clone(),
+                reason: "disk stage thread panicked".into(),
+            })
+        })?;
+        let (wire, done) = match (decoded, disk) {
+            (Err(WriterError::DiskStopped), Err(e)) => return Err(e),
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+            (Ok(wire), Ok(done)) => (wire, done),
+        };
+        let wire = match job.compression {
+            Compression::None => Some(done.image),
+            Compression::Zstd => wire,
+        };
+        if let (Some(expected), Some(actual)) = (job.compressed_sha256, wire) {
+            if expected != actual {
+                return Err(InstallError::HashMismatch {
+                    role: job.role.clone(),
+                    url: job.url.clone(),
+                    what: "compressed stream",
+                    expected: hex32(&expected),
+                    actual: hex32(&actual),
+                }
+                .into());
+            }
+        }
+        if done.image != job.expected_sha256 {
+            return Err(InstallError::HashMismatch {
+                role: job.role.clone(),
+                url: job.url.clone(),
+                what: "image",
+                expected: hex32(&job.expected_sha256),
+                actual: hex32(&done.image),
+            }
+            .into());
+        }
+        let write_time = t.elapsed();
+        info!(
+            bytes = done.written_this_run,
+            fetched,
+            secs = write_time.as_secs_f64(),
+            "image written, flushed, stream hash verified"
+        );
+        debug_assert_eq!(done.written, job.expected_size);
+        let report = TargetReport {
+            role: job.role.clone(),
+            bytes_written: done.written_this_run,
+            bytes_fetched: fetched,
+            resumed_from: if restarted { 0 } else { job.start_at },
+            reused: false,
+            sha256: hex32(&done.image),
+            readback: None,
+            write_time,
+            readback_time: Duration::ZERO,
+        };
+        Ok((report, Instant::now()))
+    })
 }
 
 /// The disk should already hold the image (a complete resume record): read it back.
