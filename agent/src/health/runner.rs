@@ -455,7 +455,23 @@ pub fn fmt_duration(d: Duration) -> String {
     }
 }
 
+/// On its own thread: a runtime cannot be started from within the caller's (the demo and
+/// async tests call the health check from one).
 fn http_check(url: &str, timeout: Duration) -> (bool, bool, String, String) {
+    let url = url.to_string();
+    std::thread::spawn(move || http_get(&url, timeout))
+        .join()
+        .unwrap_or_else(|_| {
+            (
+                false,
+                false,
+                "the HTTP check panicked".into(),
+                String::new(),
+            )
+        })
+}
+
+fn http_get(url: &str, timeout: Duration) -> (bool, bool, String, String) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
