@@ -1,4 +1,7 @@
-//! `update-agent demo`: the whole job, end to end, in a temporary directory.
+//! `update-agent demo`: the whole job, end to end, in a temporary directory: install 2.0.0,
+//! reboot, pass the health checks and commit; then 3.0.0 fails its health check on the trial
+//! boot, is rolled back automatically and denylisted, and the host ends on 2.0.0. Reboots go
+//! through the boot simulator (the sandbox's `[reboot] command` is `true`).
 
 use std::process::ExitCode;
 
@@ -6,6 +9,7 @@ use crate::boot::SlotId;
 use crate::cli::output::Output;
 use crate::cli::DemoArgs;
 use crate::error::AgentError;
+use crate::health::journal::RunOutcome;
 use crate::ops;
 use crate::sandbox::disk_image::Preset;
 use crate::sandbox::world::{Backend, World, FACTORY_VERSION};
@@ -159,21 +163,146 @@ async fn demo(
     step(
         &out,
         5,
-        "health check on the trial boot: passes, slot B is committed",
+        "update-agent health-check on the trial boot: required.d checks pass, slot B is committed",
     );
-    let verdict = ops::commit::mark_good(&host)?;
+    world
+        .add_check(
+            true,
+            "10-system-up",
+            "echo \"slot $UPDATE_AGENT_SLOT runs $UPDATE_AGENT_VERSION\"",
+        )
+        .map_err(sandbox_err)?;
+    // The app check fails only on 3.0.0: the release that will be rolled back.
+    world
+        .add_check(
+            true,
+            "50-app-responds",
+            "if [ \"$UPDATE_AGENT_VERSION\" = 3.0.0 ]; then\n  \
+             echo 'GET http://127.0.0.1:8080/healthz -> 503 (schema migration failed)'\n  exit 1\nfi",
+        )
+        .map_err(sandbox_err)?;
+    let verdict = world.health_check()?;
+    out.emit(&verdict, || verdict.render());
+    expect(
+        verdict.outcome == RunOutcome::Committed,
+        "the trial boot of 2.0.0 should pass and commit",
+    )?;
+
+    step(
+        &out,
+        6,
+        "publish 3.0.0 and apply it: it goes into slot A (the inactive one now)",
+    );
+    world.publish("3.0.0", Vec::new()).map_err(sandbox_err)?;
+    let mut bar = crate::cli::progress::Progress::new(out.progress_json);
+    let report = ops::apply::apply(&host, &ops::apply::ApplyOptions::default(), &mut |ev| {
+        bar.event(ev)
+    })
+    .await;
+    bar.finish();
+    let report = report?;
+    out.emit(&report, || report.render());
+    expect(report.slot == SlotId::A, "3.0.0 should be staged in slot A")?;
+
+    step(
+        &out,
+        7,
+        "reboot (boot simulator): slot A boots for its trial",
+    );
+    let booted = world.boot().map_err(sandbox_err)?;
+    emit_booted(&out, booted);
+    expect(
+        booted == Some(SlotId::A),
+        "slot A should boot for its trial",
+    )?;
+
+    step(
+        &out,
+        8,
+        "update-agent health-check: 50-app-responds fails -> roll back to slot B, denylist 3.0.0, reboot",
+    );
+    let verdict = world.health_check()?;
+    out.emit(&verdict, || verdict.render());
+    expect(
+        verdict.outcome == RunOutcome::RolledBack && verdict.rolled_back_to == Some(SlotId::B),
+        "the trial boot of 3.0.0 should fail and roll back to slot B",
+    )?;
+
+    step(
+        &out,
+        9,
+        "reboot (the agent ran [reboot] command; the sandbox's is `true`, so the simulator reboots)",
+    );
+    let booted = world.boot().map_err(sandbox_err)?;
+    emit_booted(&out, booted);
+    expect(
+        booted == Some(SlotId::B),
+        "slot B (2.0.0) should boot again",
+    )?;
+    let verdict = world.health_check()?;
     out.emit(&verdict, || verdict.render());
 
-    step(&out, 6, "final status");
+    step(
+        &out,
+        10,
+        "update-agent check: the server still offers 3.0.0; this host refuses it (denylisted)",
+    );
+    let check = ops::check::check(&host, None, false, false).await?;
+    out.emit(&check, || check.render());
+    expect(
+        check.refused.as_ref().map(|(kind, _)| kind.as_str()) == Some("denylisted"),
+        "3.0.0 should be refused as denylisted",
+    )?;
+
+    step(&out, 11, "update-agent history");
+    let history = ops::history::history(&host, None)?;
+    out.emit(&history, || history.render());
+
+    step(&out, 12, "final status");
     let status = ops::status::status(&host)?;
     out.emit(&status, || status.render());
+    let running = status
+        .booted
+        .as_ref()
+        .and_then(|b| status.slots.iter().find(|s| s.slot == b.slot))
+        .and_then(|s| s.installed.as_ref())
+        .map(|r| r.version.clone());
     let ok = status.booted.as_ref().map(|b| b.slot) == Some(SlotId::B)
-        && status.boot.next == Some(SlotId::B);
+        && status.boot.next == Some(SlotId::B)
+        && running.as_deref() == Some("2.0.0")
+        && status.denylist == ["3.0.0"];
+    out.emit(
+        &serde_json::json!({"result": if ok { "ok" } else { "unexpected" }, "running": running, "denylisted": status.denylist}),
+        || {
+            if ok {
+                "\nresult: running 2.0.0 from slot B; 3.0.0 failed its health check, was rolled back and is denylisted".into()
+            } else {
+                "\nresult: UNEXPECTED final state (see status above)".into()
+            }
+        },
+    );
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+fn expect(ok: bool, what: &str) -> Result<(), AgentError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(sandbox_err(format!("step failed: {what}")))
+    }
+}
+
+fn emit_booted(out: &Output, booted: Option<SlotId>) {
+    out.emit(&serde_json::json!({"booted": booted}), || {
+        format!(
+            "booted slot {}",
+            booted.map(|s| s.to_string()).unwrap_or("NONE".into())
+        )
+    });
 }
 
 fn args_backend(b: Backend) -> &'static str {
