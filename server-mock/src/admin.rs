@@ -1,4 +1,5 @@
-//! `/_admin/...`: scripting a running server over HTTP (faults and the request log).
+//! `/_admin/...`: scripting a running server over HTTP (faults, the request log, FleetLock
+//! slots and the fleet summary).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,6 +16,13 @@ pub(crate) fn routes() -> Router<AppState> {
             get(list_faults).post(add_fault).delete(clear_faults),
         )
         .route("/log", get(read_log).delete(clear_log))
+        .route(
+            "/fleetlock",
+            get(crate::fleetlock::admin_view)
+                .put(crate::fleetlock::admin_configure)
+                .delete(crate::fleetlock::admin_release),
+        )
+        .route("/fleet", get(crate::reports::fleet))
 }
 
 async fn list_faults(State(s): State<AppState>) -> Json<Vec<FaultRule>> {

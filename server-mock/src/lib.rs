@@ -16,18 +16,23 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::routing::post;
 use axum::Router;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 mod admin;
 mod faults;
+pub mod fleetlock;
 mod log;
 mod raw;
 mod repo;
+pub mod reports;
 
 pub use faults::{glob_match, Fault, FaultRule, Faults};
+pub use fleetlock::{FleetLock, FleetLockSettings};
 pub use log::{LogEntry, RequestLog};
+pub use reports::{FleetSummary, Report, Reports};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,8 @@ pub struct AppState {
     pub(crate) root: Arc<PathBuf>,
     pub(crate) faults: Faults,
     pub(crate) log: RequestLog,
+    pub(crate) fleetlock: FleetLock,
+    pub(crate) reports: Reports,
 }
 
 impl AppState {
@@ -74,6 +81,8 @@ impl AppState {
             root: Arc::new(root.into()),
             faults: Faults::default(),
             log: RequestLog::default(),
+            fleetlock: FleetLock::default(),
+            reports: Reports::default(),
         }
     }
 }
@@ -82,6 +91,9 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/_admin", admin::routes())
+        .route("/v1/pre-reboot", post(fleetlock::pre_reboot))
+        .route("/v1/steady-state", post(fleetlock::steady_state))
+        .route("/v1/report", post(reports::post_report))
         .fallback(repo_handler)
         .with_state(state)
 }
@@ -161,6 +173,16 @@ impl ServerHandle {
     /// The requests seen so far (repository requests only; `/_admin` is not logged).
     pub fn request_log(&self) -> Vec<LogEntry> {
         self.state.log.entries()
+    }
+
+    /// The FleetLock reboot-slot table (configure slots and TTL, read holders and events).
+    pub fn fleetlock(&self) -> &FleetLock {
+        &self.state.fleetlock
+    }
+
+    /// The agents' status reports.
+    pub fn reports(&self) -> &Reports {
+        &self.state.reports
     }
 
     /// Forget the requests seen so far.

@@ -17,6 +17,25 @@ struct Args {
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:0")]
     addr: SocketAddr,
+    /// FleetLock reboot slots of every group not named by --fleetlock-group.
+    #[arg(long, default_value_t = 1)]
+    fleetlock_slots: u32,
+    /// FleetLock slots of one group, `NAME=N` (repeatable).
+    #[arg(long, value_parser = parse_group)]
+    fleetlock_group: Vec<(String, u32)>,
+    /// Free a FleetLock slot held longer than this many seconds (default: held until released).
+    #[arg(long)]
+    fleetlock_ttl: Option<u64>,
+}
+
+fn parse_group(s: &str) -> Result<(String, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=SLOTS"))?;
+    let n = n
+        .parse()
+        .map_err(|e| format!("{s:?}: slots {n:?} is not a number: {e}"))?;
+    Ok((name.to_string(), n))
 }
 
 #[tokio::main]
@@ -36,6 +55,13 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    handle
+        .fleetlock()
+        .configure(server_mock::FleetLockSettings {
+            default_slots: args.fleetlock_slots,
+            groups: args.fleetlock_group.into_iter().collect(),
+            ttl_ms: args.fleetlock_ttl.map(|s| s.saturating_mul(1000)),
+        });
     let mut out = std::io::stdout().lock();
     if writeln!(out, "listening on {}", handle.url())
         .and_then(|()| out.flush())
@@ -44,8 +70,14 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     drop(out);
-    tokio::select! {
+    let code = tokio::select! {
         () = handle.wait() => ExitCode::FAILURE,
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    };
+    // The fleet as the agents last reported it, for whoever ran the rollout.
+    let summary = handle.reports().summary();
+    if summary.hosts > 0 {
+        print!("{}", summary.render());
     }
+    code
 }
