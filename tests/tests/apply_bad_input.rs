@@ -11,7 +11,7 @@ use e2e_tests::{
 use update_agent::boot::SlotId;
 use update_agent::sandbox::disk_image::Preset;
 use update_agent::sandbox::world::{Backend, PublishSpec, World, PRODUCT};
-use update_agent::state::{InstallLock, Phase, StateStore};
+use update_agent::state::{HistoryEvent, InstallLock, Phase, StateStore};
 use updater_proto::Compression;
 
 const SLOT_MIB: u64 = 8;
@@ -96,10 +96,18 @@ async fn replayed_older_manifest_is_refused_and_the_staged_slot_stays() {
     let err = apply_default(&world).await.unwrap_err();
     assert_eq!(err.kind(), "serial_below_floor", "{err}");
     assert!(err.to_string().contains(&old.serial.to_string()), "{err}");
-    match state(&world).phase {
-        Phase::Failed { kind, .. } => assert_eq!(kind, "serial_below_floor"),
-        other => panic!("phase {other:?}"),
-    }
+    // Recorded in the history; the phase still says 2.0.0 is staged (see apply_staged).
+    let st = state(&world);
+    assert_eq!(
+        st.phase,
+        Phase::Staged {
+            slot: SlotId::B,
+            version: "2.0.0".into()
+        }
+    );
+    let last = st.history.last().unwrap();
+    assert_eq!(last.event, HistoryEvent::Failed, "{last:?}");
+    assert_eq!(last.error_kind.as_deref(), Some("serial_below_floor"));
     assert_no_image_requested(&world);
     assert_eq!(snapshot(&world, SlotId::A), a_before, "slot A changed");
     assert_eq!(

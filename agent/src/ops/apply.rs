@@ -85,14 +85,41 @@ pub fn fetch_config(host: &Host) -> FetchConfig {
     }
 }
 
-fn record_failure(store: &StateStore, version: Option<&str>, slot: Option<SlotId>, e: &AgentError) {
+/// A failed apply: the error, the slot it was aimed at once known, and whether it got as far
+/// as changing the host (state record, boot flags, slot bytes).
+struct Failure {
+    slot: Option<SlotId>,
+    changed_host: bool,
+    error: AgentError,
+}
+
+impl Failure {
+    /// Failed before changing anything on the host.
+    fn early(slot: Option<SlotId>, error: AgentError) -> Failure {
+        Failure {
+            slot,
+            changed_host: false,
+            error,
+        }
+    }
+}
+
+/// Records a failed apply in the history and, unless the failure changed nothing while a
+/// release is staged or on its trial boot, as the phase. Keeping that phase matters: the
+/// health check treats the staged slot's next boot as a trial only while the record says
+/// so; otherwise it would confirm the slot without running a single check.
+fn record_failure(store: &StateStore, version: Option<&str>, f: &Failure) {
+    let (slot, e) = (f.slot, &f.error);
     let message = e.to_string();
     let kind = e.kind().to_string();
     let result = store.update(|s| {
-        s.phase = Phase::Failed {
-            kind: kind.clone(),
-            message: message.clone(),
-        };
+        let keep = !f.changed_host && matches!(s.phase, Phase::Staged { .. } | Phase::Trial { .. });
+        if !keep {
+            s.phase = Phase::Failed {
+                kind: kind.clone(),
+                message: message.clone(),
+            };
+        }
         let mut entry = HistoryEntry::now(HistoryEvent::Failed);
         entry.version = version.map(str::to_string);
         entry.slot = slot;
@@ -127,16 +154,23 @@ pub async fn apply(
     let verified = match fetch_and_verify(host, &source, &client, &fetch).await {
         Ok(v) => v,
         Err(e) => {
-            record_failure(&host.state, None, None, &e);
-            return Err(e);
+            let f = Failure::early(None, e);
+            record_failure(&host.state, None, &f);
+            return Err(f.error);
         }
     };
     let m = verified.manifest();
     let version = m.version.to_string();
     let span = info_span!("apply", version = %version, serial = m.serial);
     async {
-        host.state
-            .update(|s| s.observe_serial(&m.channel, m.serial))?;
+        if let Err(e) = host
+            .state
+            .update(|s| s.observe_serial(&m.channel, m.serial))
+        {
+            let f = Failure::early(None, e.into());
+            record_failure(&host.state, Some(&version), &f);
+            return Err(f.error);
+        }
         let origin = Origin {
             source: &source,
             client: &client,
@@ -161,9 +195,9 @@ pub async fn apply(
                     ),
                 })
             }
-            Err((slot, e)) => {
-                record_failure(&host.state, Some(&version), slot, &e);
-                Err(e)
+            Err(f) => {
+                record_failure(&host.state, Some(&version), &f);
+                Err(f.error)
             }
         }
     }
@@ -171,21 +205,48 @@ pub async fn apply(
     .await
 }
 
-/// Policy, plan, install, stage. Errors carry the target slot once it is known.
+/// Policy, plan, install, stage. Failures carry the target slot once it is known and say
+/// whether the host was changed.
 async fn install_verified(
     host: &Host,
     opts: &ApplyOptions,
     verified: &VerifiedManifest,
     origin: &Origin<'_>,
     progress: &mut (dyn FnMut(ProgressEvent) + Send),
-) -> Result<(SlotId, SlotId, Vec<TargetReport>), (Option<SlotId>, AgentError)> {
+) -> Result<(SlotId, SlotId, Vec<TargetReport>), Failure> {
     let m = verified.manifest();
     let version = m.version.to_string();
-    let state = host.state.load().map_err(|e| (None, e.into()))?;
-    let slots = host.slots().map_err(|e| (None, e))?;
-    let booted = host.booted_slot(&slots).map_err(|e| (None, e))?.slot;
+    let state = host
+        .state
+        .load()
+        .map_err(|e| Failure::early(None, e.into()))?;
+    let slots = host.slots().map_err(|e| Failure::early(None, e))?;
+    let booted = host
+        .booted_slot(&slots)
+        .map_err(|e| Failure::early(None, e))?
+        .slot;
     let target = booted.other();
-    let fail = |e: AgentError| (Some(target), e);
+    // Until the state record says Downloading, nothing on the host has changed.
+    let early = |e: AgentError| Failure::early(Some(target), e);
+    let fail = |e: AgentError| Failure {
+        slot: Some(target),
+        changed_host: true,
+        error: e,
+    };
+
+    // On the booted slot's trial boot the other slot is the only fallback: installing into
+    // it would leave nothing good to roll back to.
+    if let Phase::Staged { slot, version: v }
+    | Phase::Trial {
+        slot, version: v, ..
+    } = &state.phase
+    {
+        if *slot == booted {
+            return Err(early(AgentError::Refused(format!(
+                "slot {booted} runs {v} on its trial boot; slot {target} is its only fallback,                  so nothing is installed until {v} is confirmed (health-check or mark-good)                  or rolled back"
+            ))));
+        }
+    }
 
     let denylist: Vec<(Version, String)> = state
         .denylist
@@ -203,18 +264,18 @@ async fn install_verified(
         allow_downgrade: opts.allow_downgrade || host.config.install.allow_downgrade,
         allow_denylisted: opts.allow_denylisted,
     };
-    admit(&m.version, m.min_running_version.as_ref(), &facts).map_err(|e| fail(e.into()))?;
+    admit(&m.version, m.min_running_version.as_ref(), &facts).map_err(|e| early(e.into()))?;
 
     let mut checkpoints = ResumeFile::load(&host.state);
     let plan = plan(
         verified,
         origin,
         &slots,
-        &host.disk_path().map_err(fail)?.display().to_string(),
+        &host.disk_path().map_err(early)?.display().to_string(),
         target,
         checkpoints.records(),
     )
-    .map_err(fail)?;
+    .map_err(early)?;
     host.state
         .update(|s| {
             s.phase = Phase::Downloading {
