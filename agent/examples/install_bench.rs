@@ -1,6 +1,6 @@
 //! Benchmark driver: install one image from an HTTP URL into slot B of a GPT disk image through
-//! the real pipeline and the real gptprio backend, then print one JSON line with the timings
-//! and this process's peak RSS (VmHWM). Driven by `tests/bench/install_bench.sh`; see
+//! the real pipeline, the agent's fetcher (`fetch::Download`) and the real gptprio backend,
+//! then print one JSON line with the timings and this process's peak RSS (VmHWM). Driven by `tests/bench/install_bench.sh`; see
 //! `docs/benchmarks.md`.
 //!
 //! ```text
@@ -10,7 +10,6 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,68 +17,10 @@ use update_agent::boot::gptprio::GptPrio;
 use update_agent::boot::{BootControl, SlotId};
 use update_agent::disk::slots::SlotLayoutConfig;
 use update_agent::disk::FileDevice;
+use update_agent::fetch::{build_client, Download, FetchConfig};
 use update_agent::install::{
-    install, ChunkFuture, Compression, ImageSource, InstallOptions, InstallPlan, NoResume,
-    Readback, SourceChunk, SourceError, TargetImage,
+    install, Compression, InstallOptions, InstallPlan, NoResume, Readback, TargetImage,
 };
-
-/// A plain streaming HTTP GET with Range resume; the bench's stand-in for the agent fetcher.
-struct HttpSource {
-    client: reqwest::Client,
-    url: String,
-    resp: Option<reqwest::Response>,
-    offset: u64,
-    etag: Option<String>,
-}
-
-impl HttpSource {
-    async fn next(&mut self) -> Result<Option<SourceChunk>, SourceError> {
-        let err = |e: reqwest::Error| SourceError::new("http", e);
-        if self.resp.is_none() {
-            let mut req = self.client.get(&self.url);
-            if self.offset > 0 {
-                req = req.header("range", format!("bytes={}-", self.offset));
-            }
-            let resp = req
-                .send()
-                .await
-                .map_err(err)?
-                .error_for_status()
-                .map_err(err)?;
-            self.etag = resp
-                .headers()
-                .get("etag")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            self.resp = Some(resp);
-        }
-        let Some(resp) = self.resp.as_mut() else {
-            return Ok(None);
-        };
-        Ok(resp
-            .chunk()
-            .await
-            .map_err(err)?
-            .map(|b: Bytes| SourceChunk::Data(b)))
-    }
-}
-
-impl ImageSource for HttpSource {
-    fn describe(&self) -> String {
-        self.url.clone()
-    }
-    fn etag(&self) -> Option<String> {
-        self.etag.clone()
-    }
-    fn resume_from(&mut self, offset: u64, _etag: Option<&str>) -> Result<(), SourceError> {
-        self.offset = offset;
-        self.resp = None;
-        Ok(())
-    }
-    fn next_chunk(&mut self) -> ChunkFuture<'_> {
-        Box::pin(self.next())
-    }
-}
 
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -160,9 +101,9 @@ fn main() {
             .clone();
         let dev: Arc<Mutex<dyn update_agent::disk::BlockDevice>> =
             Arc::new(Mutex::new(FileDevice::open(&disk).unwrap()));
-        // The workspace builds reqwest without a default TLS provider: install ring's.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder().build().unwrap();
+        let cfg = FetchConfig::default();
+        let client = build_client(&cfg).unwrap();
+        let download = Download::new(client, url.parse().unwrap(), compressed_size, cfg);
         let plan = InstallPlan {
             slot: SlotId::B,
             device: disk.clone(),
@@ -175,13 +116,7 @@ fn main() {
                 compression,
                 compressed_size,
                 compressed_sha256: compressed_sha,
-                source: Box::new(HttpSource {
-                    client,
-                    url: url.clone(),
-                    resp: None,
-                    offset: 0,
-                    etag: None,
-                }),
+                source: Box::new(download),
                 resume: None,
             }],
         };
