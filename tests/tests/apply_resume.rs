@@ -149,3 +149,55 @@ async fn zstd_after_agent_restart_starts_over_and_installs() {
     assert_eq!(world.boot().unwrap(), Some(SlotId::B));
     assert_slot_holds(&world, SlotId::B, &release);
 }
+
+/// The bytes a checkpoint vouches for are damaged on disk before the restart. Resuming trusts
+/// them only through the final hash, so that apply fails cleanly; the one after must not
+/// repeat the same resume forever but install correctly.
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_checkpointed_bytes_never_end_in_a_bad_slot_and_do_not_wedge_the_host() {
+    let (_d, world, release) = interrupted(Backend::Gptprio, 112, Compression::None, |wire| {
+        Fault::DropAfter(wire - 4 * MIB)
+    })
+    .await;
+    let part = world.slots().unwrap().b.parts["usr"].clone();
+    let dev_path = world.disk.clone();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev_path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_at(&mut b, part.byte_offset + MIB).unwrap();
+        b[0] ^= 0xff;
+        f.write_at(&b, part.byte_offset + MIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    let a_before = snapshot(&world, SlotId::A);
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        match apply_default(&world).await {
+            Ok(_) => {
+                outcomes.push("ok".to_string());
+                break;
+            }
+            Err(e) => {
+                outcomes.push(e.kind().to_string());
+                assert_eq!(snapshot(&world, SlotId::A), a_before);
+                assert_eq!(world.boot().unwrap(), Some(SlotId::A), "{e}");
+            }
+        }
+    }
+    assert_eq!(
+        outcomes.last().map(String::as_str),
+        Some("ok"),
+        "the host stays stuck on damaged resume data: {outcomes:?}"
+    );
+    assert!(
+        outcomes.len() == 1 || outcomes[0] == "hash_mismatch",
+        "{outcomes:?}"
+    );
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_slot_holds(&world, SlotId::B, &release);
+}
