@@ -15,8 +15,8 @@ use crate::error::AgentError;
 use crate::fetch::{build_client, Download, FetchConfig, ManifestSource, MinThroughput};
 use crate::host::Host;
 use crate::install::{
-    self, Compression, FileSource, ImageSource, InstallOptions, InstallPlan, ProgressEvent,
-    Readback, ResumeRecord, TargetImage, TargetReport,
+    self, Compression, FileSource, ImageSource, InstallError, InstallOptions, InstallPlan,
+    ProgressEvent, Readback, ResumeRecord, TargetImage, TargetReport,
 };
 use crate::ops::manifest::{fetch_and_verify, image_location, locate};
 use crate::ops::resume::ResumeFile;
@@ -305,7 +305,7 @@ async fn install_verified(
         readback,
         ..InstallOptions::default()
     };
-    let report = install::install(
+    let report = match install::install(
         plan,
         dev,
         boot.as_mut(),
@@ -314,7 +314,20 @@ async fn install_verified(
         progress,
     )
     .await
-    .map_err(|e| fail(e.into()))?;
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // Checkpoints exist to survive an interrupted download. After any other failure
+            // (a hash or read-back mismatch above all) the checkpointed bytes or their source
+            // are suspect: resuming from them would repeat the same failure on every run.
+            if !matches!(e, InstallError::Fetch { .. }) {
+                if let Err(ce) = checkpoints.clear() {
+                    tracing::warn!(error = %ce, "could not remove the resume checkpoints");
+                }
+            }
+            return Err(fail(e.into()));
+        }
+    };
     boot.stage(target).map_err(|e| fail(e.into()))?;
     host.state
         .update(|s| {
