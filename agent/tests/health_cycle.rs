@@ -492,3 +492,33 @@ async fn normal_boot_only_confirms_and_writes_no_history() {
     assert!(successful(&world, SlotId::A), "attempt counter reset");
     assert_eq!(state(&world).history.len(), history_before);
 }
+
+async fn trial_known_only_to_the_flags(backend: Backend) {
+    let (_d, mut world) = world(backend).await;
+    world
+        .add_check(true, "10-fails", "echo nope; exit 1")
+        .unwrap();
+    install(&mut world, "2.0.0").await;
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    // The record forgot the stage (restored from a backup, an older agent...).
+    let host = world.host().unwrap();
+    host.state.update(|s| s.phase = Phase::Idle).unwrap();
+    let report = world.health_check().unwrap();
+    assert_eq!(
+        report.kind,
+        BootKind::Trial,
+        "a trial is never confirmed unchecked"
+    );
+    assert_eq!(report.outcome, RunOutcome::RolledBack);
+    assert_eq!(world.boot().unwrap(), Some(SlotId::A));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trial_the_record_forgot_is_still_checked_gptprio() {
+    trial_known_only_to_the_flags(Backend::Gptprio).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trial_the_record_forgot_is_still_checked_grubenv() {
+    trial_known_only_to_the_flags(Backend::Grubenv).await;
+}

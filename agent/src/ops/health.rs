@@ -16,7 +16,9 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::boot::SlotId;
+use crate::boot::grubenv::{EnvLocation, RaucVars};
+use crate::boot::{BootError, SlotId};
+use crate::config::BootBackendKind;
 use crate::error::AgentError;
 use crate::health::journal::{BootKind, BootRun, Journal, RunOutcome};
 use crate::health::runner::{self, CheckEnv, CheckResult};
@@ -175,8 +177,42 @@ pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, A
     match pending {
         Some((slot, version, _)) if slot == booted => trial(ctx, lock, slot, version),
         Some((slot, version, was_trial)) => fallback(ctx, booted, slot, version, was_trial),
+        None if flags_say_trial(host, booted)? => {
+            // The record lost track of a stage (an older agent, a restored state directory):
+            // the flags are the truth, and a trial is never confirmed unchecked.
+            let version = state
+                .slots
+                .get(&booted)
+                .map(|r| r.version.clone())
+                .unwrap_or_else(|| "unknown".into());
+            tracing::warn!(%booted, version, "boot flags show a trial boot the state record does not know; running the checks");
+            trial(ctx, lock, booted, version)
+        }
         None => normal(ctx, booted),
     }
+}
+
+/// Whether the boot flags mark `booted` as an uncommitted trial: gptprio: not successful (a
+/// committed slot always is); grubenv: our trial mark names it (its attempt counter alone
+/// cannot tell, RAUC's script counts every boot).
+fn flags_say_trial(host: &Host, booted: SlotId) -> Result<bool, AgentError> {
+    Ok(match host.config.boot.backend {
+        BootBackendKind::Gptprio => !host
+            .boot_control()?
+            .status()?
+            .slots
+            .iter()
+            .any(|s| s.slot == booted && s.successful),
+        BootBackendKind::Grubenv => {
+            let path = &host.config.boot.grubenv_path;
+            let loc = EnvLocation::File(path.clone());
+            let env = loc.read().map_err(BootError::from)?;
+            RaucVars::from_env(&env, &path.display().to_string())
+                .map_err(BootError::from)?
+                .trial
+                == Some(booted)
+        }
+    })
 }
 
 struct Ctx<'a> {
