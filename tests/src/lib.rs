@@ -155,12 +155,42 @@ pub fn assert_clean_failure(
         a_before,
         "the active slot A changed"
     );
+    if world.backend == Backend::Gptprio {
+        if let Some((p, t, s)) = cgpt_flags(world, SlotId::B) {
+            assert!(
+                p == 0 || (t == 0 && s == 0),
+                "cgpt says slot B is bootable after a failed apply: priority {p} tries {t} successful {s}"
+            );
+        }
+    }
     assert_eq!(
         world.boot().unwrap(),
         Some(SlotId::A),
         "after a failed apply the host must boot the old slot A"
     );
     err
+}
+
+/// `(priority, tries, successful)` of `slot`'s flags partition as `cgpt show` reads them,
+/// or `None` when cgpt is not installed (outside CI).
+pub fn cgpt_flags(world: &World, slot: SlotId) -> Option<(u8, u8, u8)> {
+    if !have_tool("cgpt", "cgpt") {
+        return None;
+    }
+    let n = world.slots().unwrap().get(slot).flags_part;
+    let field = |flag: &str| -> u8 {
+        let out = Command::new("cgpt")
+            .args(["show", "-i", &n.to_string(), flag])
+            .arg(&world.disk)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "cgpt show {flag}: {text}");
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("cgpt show {flag}: {text:?}"))
+    };
+    Some((field("-P"), field("-T"), field("-S")))
 }
 
 /// The one file in the repository whose name starts with `<role>-` (the content-addressed

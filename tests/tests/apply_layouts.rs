@@ -6,7 +6,7 @@
 use std::process::Command;
 
 use e2e_tests::{
-    apply_default, assert_slot_holds, have_tool, snapshot, state, world, SlotSnapshot,
+    apply_default, assert_slot_holds, cgpt_flags, have_tool, snapshot, state, world, SlotSnapshot,
 };
 use update_agent::boot::SlotId;
 use update_agent::sandbox::disk_image::Preset;
@@ -39,6 +39,17 @@ async fn install_and_boot(preset: Preset, backend: Backend) {
     // The active slot: every byte of every partition, and its boot flags.
     assert_eq!(snapshot(&world, SlotId::A), a_before, "slot A changed");
     check_with_tools(&world);
+    if backend == Backend::Gptprio {
+        // Staged as the loaders expect: above A, one try, not yet successful; A untouched.
+        if let Some(b) = cgpt_flags(&world, SlotId::B) {
+            assert_eq!(
+                b,
+                (2, 1, 0),
+                "cgpt show of slot B (priority, tries, successful)"
+            );
+            assert_eq!(cgpt_flags(&world, SlotId::A), Some((1, 0, 1)));
+        }
+    }
 
     // Reboot: the loader's own choice is the new slot, and it holds the release exactly.
     assert_eq!(world.boot().unwrap(), Some(SlotId::B));

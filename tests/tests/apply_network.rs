@@ -335,3 +335,75 @@ async fn server_that_stalls_fails_cleanly_on_the_read_timeout() {
         started.elapsed()
     );
 }
+
+/// A server that trickles the image (slow-retrieval attack) is cut off by the throughput
+/// floor, not waited on for hours.
+#[tokio::test(flavor = "multi_thread")]
+async fn trickling_server_fails_on_the_throughput_floor() {
+    let (_d, world, release) = setup(Backend::Gptprio, Compression::None).await;
+    world.set_config("install", "max_attempts", 1).unwrap();
+    world
+        .set_config("install", "min_throughput_bytes_per_sec", 1 << 20)
+        .unwrap();
+    world
+        .set_config("install", "min_throughput_window", "1s")
+        .unwrap();
+    let path = image_path(&release, "usr");
+    world
+        .server
+        .set_fault(FaultRule::new(path.as_str(), Fault::Bandwidth(64 << 10)));
+    let a_before = snapshot(&world, SlotId::A);
+    let started = std::time::Instant::now();
+    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    assert_eq!(fetch_source_kind(&err), Some("slow_retrieval"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Endless data on the manifest: the agent reads at most the envelope bound and refuses.
+#[tokio::test(flavor = "multi_thread")]
+async fn endless_manifest_is_cut_at_its_size_bound() {
+    let (_d, world, _release) = setup(Backend::Grubenv, Compression::Zstd).await;
+    world
+        .server
+        .set_fault(FaultRule::new("/manifest.json", Fault::Append(64 << 20)));
+    let a_before = snapshot(&world, SlotId::A);
+    let err = assert_clean_failure(&world, apply_default(&world).await, "too_large", &a_before);
+    assert!(!err.to_string().is_empty());
+    let log = world.server.request_log();
+    let sent: u64 = log
+        .iter()
+        .filter(|e| e.path == "/manifest.json")
+        .map(|e| e.bytes_sent)
+        .sum();
+    assert!(
+        sent < 32 << 20,
+        "the agent read {sent} bytes of an endless manifest"
+    );
+    assert!(log.iter().all(|e| e.path == "/manifest.json"), "{log:#?}");
+}
+
+/// A server without Range support drops the connection: the download starts over (the
+/// pipeline rewinds its hash and writer) and the install is still exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn drop_on_a_server_without_ranges_restarts_and_installs() {
+    let (_d, world, release) = setup(Backend::Grubenv, Compression::Zstd).await;
+    let size = wire_size(&release);
+    let path = image_path(&release, "usr");
+    world
+        .server
+        .set_fault(FaultRule::new(path.as_str(), Fault::IgnoreRange));
+    world
+        .server
+        .set_fault(FaultRule::new(path.as_str(), Fault::DropAfter(size / 2)).times(1));
+    let a_before = snapshot(&world, SlotId::A);
+    let report = apply_default(&world).await.unwrap();
+    assert_installed(&world, &release, &report, &a_before);
+    let log = image_requests(&world, &release);
+    assert!(log.len() >= 2, "{log:#?}");
+    assert_eq!(log.last().unwrap().status, 200, "{log:#?}");
+    assert!(log.last().unwrap().complete, "{log:#?}");
+}
