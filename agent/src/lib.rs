@@ -11,6 +11,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod fetch;
+pub mod fleet;
 pub mod health;
 pub mod host;
 pub mod install;

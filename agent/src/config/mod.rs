@@ -334,15 +334,24 @@ pub enum RebootStrategy {
     FleetLock,
 }
 
-/// One weekly maintenance window (UTC).
+/// One weekly maintenance window: opens at `start` local time on each of `days` in
+/// `time_zone`, and stays open for `length` of elapsed time (so a window that spans a DST
+/// change still lasts `length`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     /// `Mon` .. `Sun`.
     pub days: Vec<String>,
-    /// `HH:MM`, UTC.
+    /// `HH:MM`, local time in `time_zone`.
     pub start: String,
     pub length: HumanDuration,
+    /// IANA time zone name (`Europe/Berlin`), default `UTC`.
+    #[serde(default = "utc")]
+    pub time_zone: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
 }
 
 /// FleetLock server (airlock) settings.
@@ -391,6 +400,21 @@ pub struct DaemonConfig {
     pub jitter: HumanDuration,
     /// Upper bound of the exponential backoff after failures.
     pub max_backoff: HumanDuration,
+    /// The host's rollout seed (`0..2048`) instead of the one derived from the machine id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wave_seed: Option<u32>,
+    /// Where the machine id is read (wave seed and default node id).
+    pub machine_id_path: PathBuf,
+    /// This host's id towards FleetLock and the report endpoint; default: derived from the
+    /// machine id (an app-specific hash, so the machine id itself is never sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Prometheus text file for node_exporter's textfile collector (written atomically).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_path: Option<PathBuf>,
+    /// Where the daemon POSTs its status after every cycle (server-mock's `/v1/report`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_url: Option<String>,
 }
 
 impl Default for DaemonConfig {
@@ -399,6 +423,11 @@ impl Default for DaemonConfig {
             poll_interval: HumanDuration::secs(30 * 60),
             jitter: HumanDuration::secs(5 * 60),
             max_backoff: HumanDuration::secs(6 * 3600),
+            wave_seed: None,
+            machine_id_path: PathBuf::from("/etc/machine-id"),
+            node_id: None,
+            metrics_path: None,
+            report_url: None,
         }
     }
 }
@@ -528,6 +557,7 @@ impl Config {
             ("health.check_timeout", self.health.check_timeout),
             ("health.total_timeout", self.health.total_timeout),
             ("daemon.poll_interval", self.daemon.poll_interval),
+            ("daemon.max_backoff", self.daemon.max_backoff),
         ] {
             if d.get().is_zero() {
                 return Err(invalid(key, "must be more than 0s"));
@@ -557,6 +587,26 @@ impl Config {
         for (i, w) in self.reboot.windows.iter().enumerate() {
             w.validate()
                 .map_err(|m| invalid(&format!("reboot.windows[{i}]"), m))?;
+        }
+        if let Some(seed) = self.daemon.wave_seed {
+            updater_proto::WaveSeed::new(seed)
+                .map_err(|e| invalid("daemon.wave_seed", e.to_string()))?;
+        }
+        if let Some(url) = &self.daemon.report_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "daemon.report_url",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if self
+            .daemon
+            .node_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(invalid("daemon.node_id", "must not be empty when set"));
         }
         if let Some(fl) = &self.reboot.fleet_lock {
             if !(fl.url.starts_with("http://") || fl.url.starts_with("https://")) {
@@ -691,10 +741,19 @@ impl WindowConfig {
         if self.length.get().is_zero() {
             return Err("`length` must be more than 0s".into());
         }
+        if self.length.get() > std::time::Duration::from_secs(7 * 24 * 3600) {
+            return Err("`length` must be at most 7 days (a weekly window)".into());
+        }
+        jiff::tz::TimeZone::get(&self.time_zone).map_err(|e| {
+            format!(
+                "time_zone {:?} is not a known IANA time zone: {e}",
+                self.time_zone
+            )
+        })?;
         Ok(())
     }
 
-    /// Minutes after midnight UTC at which the window opens.
+    /// Minutes after local midnight at which the window opens.
     pub fn start_minutes(&self) -> Result<u32, String> {
         let bad = || format!("start {:?} is not HH:MM (00:00..23:59)", self.start);
         let (h, m) = self.start.split_once(':').ok_or_else(bad)?;

@@ -1,0 +1,297 @@
+//! Prometheus text-format metrics for node_exporter's textfile collector.
+//!
+//! Counters the state record does not keep (bytes downloaded, checks, failures by kind) live
+//! in `<state_dir>/metrics.json`, so they survive restarts and reboots; the rest is read from
+//! the state record when the file is rendered. The `.prom` file is replaced atomically, so the
+//! collector never reads half a file.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::FleetError;
+use crate::state::{HistoryEvent, Phase, State};
+
+/// Counter file inside the state directory.
+pub const COUNTERS_FILE: &str = "metrics.json";
+
+/// Persisted counters and last values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Counters {
+    pub checks_total: u64,
+    pub check_failures_total: u64,
+    /// Unix seconds of the last manifest check (successful or not).
+    pub last_check_unix: Option<i64>,
+    /// Unix seconds of the last successful manifest check.
+    pub last_success_unix: Option<i64>,
+    pub downloaded_bytes_total: u64,
+    pub installs_total: u64,
+    /// Seconds the last successful install took.
+    pub last_install_seconds: Option<f64>,
+    /// Failed daemon cycles by error kind.
+    pub failures_by_kind: BTreeMap<String, u64>,
+}
+
+impl Counters {
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(COUNTERS_FILE)
+    }
+
+    /// The stored counters; a missing or unreadable file starts from zero (metrics are
+    /// diagnostics: losing them must not stop updates), with a warning for a corrupt one.
+    pub fn load(state_dir: &Path) -> Counters {
+        let path = Self::path(state_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "metrics counters corrupt; starting from zero");
+                Counters::default()
+            }),
+            Err(_) => Counters::default(),
+        }
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<(), FleetError> {
+        let path = Self::path(state_dir);
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| FleetError::Corrupt {
+            what: "metrics counters",
+            path: path.clone(),
+            source,
+        })?;
+        crate::state::atomic::write_atomic(&path, &bytes, 0o644).map_err(|source| FleetError::Io {
+            what: "writing metrics counters",
+            path,
+            source,
+        })
+    }
+}
+
+/// Values only the running daemon knows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Live {
+    pub wave_seed: Option<u32>,
+    /// Unix seconds from which the offered release may be installed on this host.
+    pub eligible_from: Option<i64>,
+    pub fleetlock_held: bool,
+    /// Version running in the booted slot.
+    pub running_version: Option<String>,
+}
+
+/// Every phase name, so each series exists (0 or 1) and alerts can match on absence of 1.
+pub const PHASES: [&str; 8] = [
+    "idle",
+    "downloading",
+    "staged",
+    "trial",
+    "committed",
+    "rolled_back",
+    "failed",
+    "unknown",
+];
+
+/// The state record's phase name as used in metrics and reports.
+pub fn phase_name(p: &Phase) -> &'static str {
+    match p {
+        Phase::Idle => "idle",
+        Phase::Downloading { .. } => "downloading",
+        Phase::Staged { .. } => "staged",
+        Phase::Trial { .. } => "trial",
+        Phase::Committed { .. } => "committed",
+        Phase::RolledBack { .. } => "rolled_back",
+        Phase::Failed { .. } => "failed",
+        Phase::Unknown => "unknown",
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+/// The metrics in Prometheus text format.
+pub fn render(c: &Counters, state: &State, live: &Live) -> String {
+    let mut out = String::new();
+    let one = |v: f64| vec![(String::new(), v)];
+    if let Some(t) = c.last_check_unix {
+        metric(
+            &mut out,
+            "update_agent_last_check_timestamp_seconds",
+            "gauge",
+            "Unix time of the last manifest check.",
+            &one(t as f64),
+        );
+    }
+    if let Some(t) = c.last_success_unix {
+        metric(
+            &mut out,
+            "update_agent_last_successful_check_timestamp_seconds",
+            "gauge",
+            "Unix time of the last manifest check that verified.",
+            &one(t as f64),
+        );
+    }
+    metric(
+        &mut out,
+        "update_agent_checks_total",
+        "counter",
+        "Manifest checks.",
+        &one(c.checks_total as f64),
+    );
+    metric(
+        &mut out,
+        "update_agent_check_failures_total",
+        "counter",
+        "Manifest checks that failed (fetch or verification).",
+        &one(c.check_failures_total as f64),
+    );
+    let current = phase_name(&state.phase);
+    let phases: Vec<(String, f64)> = PHASES
+        .iter()
+        .map(|p| {
+            (
+                format!("{{phase=\"{p}\"}}"),
+                if *p == current { 1.0 } else { 0.0 },
+            )
+        })
+        .collect();
+    metric(
+        &mut out,
+        "update_agent_phase",
+        "gauge",
+        "Where the update flow stands (1 for the current phase).",
+        &phases,
+    );
+    let versions: Vec<(String, f64)> = state
+        .slots
+        .iter()
+        .map(|(slot, r)| {
+            let running = live.running_version.as_deref() == Some(r.version.as_str());
+            (
+                format!(
+                    "{{slot=\"{slot}\",version=\"{}\",verified=\"{}\",running=\"{running}\"}}",
+                    escape(&r.version),
+                    r.verified
+                ),
+                1.0,
+            )
+        })
+        .collect();
+    metric(
+        &mut out,
+        "update_agent_slot_version_info",
+        "gauge",
+        "The release each slot holds.",
+        &versions,
+    );
+    if let Some(v) = &live.running_version {
+        metric(
+            &mut out,
+            "update_agent_running_version_info",
+            "gauge",
+            "The release the booted slot runs.",
+            &[(format!("{{version=\"{}\"}}", escape(v)), 1.0)],
+        );
+    }
+    metric(
+        &mut out,
+        "update_agent_downloaded_bytes_total",
+        "counter",
+        "Image bytes fetched by installs.",
+        &one(c.downloaded_bytes_total as f64),
+    );
+    metric(
+        &mut out,
+        "update_agent_installs_total",
+        "counter",
+        "Installs that completed and staged a slot.",
+        &one(c.installs_total as f64),
+    );
+    if let Some(s) = c.last_install_seconds {
+        metric(
+            &mut out,
+            "update_agent_install_duration_seconds",
+            "gauge",
+            "How long the last completed install took.",
+            &one(s),
+        );
+    }
+    let failures: Vec<(String, f64)> = c
+        .failures_by_kind
+        .iter()
+        .map(|(k, n)| (format!("{{kind=\"{}\"}}", escape(k)), *n as f64))
+        .collect();
+    metric(
+        &mut out,
+        "update_agent_failures_total",
+        "counter",
+        "Failed daemon cycles by error kind.",
+        &failures,
+    );
+    let rollbacks = state
+        .history
+        .iter()
+        .filter(|h| h.event == HistoryEvent::RolledBack)
+        .count();
+    metric(
+        &mut out,
+        "update_agent_rollbacks_total",
+        "counter",
+        "Rollbacks in the retained history.",
+        &one(rollbacks as f64),
+    );
+    metric(
+        &mut out,
+        "update_agent_denylisted_versions",
+        "gauge",
+        "Releases this host rolled back from and will not install again.",
+        &one(state.denylist.len() as f64),
+    );
+    if let Some(seed) = live.wave_seed {
+        metric(
+            &mut out,
+            "update_agent_wave_seed",
+            "gauge",
+            "This host's rollout seed (0..2048).",
+            &one(f64::from(seed)),
+        );
+    }
+    if let Some(at) = live.eligible_from {
+        metric(
+            &mut out,
+            "update_agent_eligible_timestamp_seconds",
+            "gauge",
+            "When the offered release's waves admit this host.",
+            &one(at as f64),
+        );
+    }
+    metric(
+        &mut out,
+        "update_agent_fleetlock_held",
+        "gauge",
+        "1 while this host holds a FleetLock reboot slot.",
+        &one(if live.fleetlock_held { 1.0 } else { 0.0 }),
+    );
+    out
+}
+
+/// Replace the `.prom` file atomically (mode 0644: node_exporter runs as another user).
+pub fn write(path: &Path, text: &str) -> Result<(), FleetError> {
+    crate::state::atomic::write_atomic(path, text.as_bytes(), 0o644).map_err(|source| {
+        FleetError::Io {
+            what: "writing metrics",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
