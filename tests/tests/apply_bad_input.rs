@@ -263,3 +263,28 @@ async fn second_apply_while_one_holds_the_lock_is_refused() {
     assert_slot_holds(&world, SlotId::B, &release);
     let _ = image_path(&release, "usr");
 }
+
+/// Two `apply` runs racing in one process: exactly one installs, the other is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_concurrent_applies_one_wins() {
+    let (_d, mut world) = host(Backend::Gptprio).await;
+    let release = world.publish("2.0.0", Vec::new()).unwrap();
+    let a_before = snapshot(&world, SlotId::A);
+    let (r1, r2) = tokio::join!(apply_default(&world), apply_default(&world));
+    let (ok, err) = match (r1, r2) {
+        (Ok(ok), Err(err)) | (Err(err), Ok(ok)) => (ok, err),
+        (r1, r2) => panic!("expected one success and one refusal: {r1:?} / {r2:?}"),
+    };
+    assert_eq!(err.kind(), "install_locked", "{err}");
+    assert_eq!(ok.slot, SlotId::B);
+    assert_eq!(
+        state(&world).phase,
+        Phase::Staged {
+            slot: SlotId::B,
+            version: "2.0.0".into()
+        }
+    );
+    assert_eq!(snapshot(&world, SlotId::A), a_before);
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_slot_holds(&world, SlotId::B, &release);
+}

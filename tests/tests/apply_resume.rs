@@ -201,3 +201,48 @@ async fn damaged_checkpointed_bytes_never_end_in_a_bad_slot_and_do_not_wedge_the
     assert_eq!(world.boot().unwrap(), Some(SlotId::B));
     assert_slot_holds(&world, SlotId::B, &release);
 }
+
+/// A multi-partition slot (Bottlerocket: boot, hash, root): the targets finished before the
+/// drop are verified on disk and not fetched again; the interrupted one resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_partition_slot_resumes_only_what_is_missing() {
+    let (_d, mut world) = world(Preset::Bottlerocket, Backend::Gptprio, 112).await;
+    let release = world
+        .publish_with(&PublishSpec::new("2.0.0").compression(Compression::None))
+        .unwrap();
+    world.set_config("install", "max_attempts", 1).unwrap();
+    let root_path = image_path(&release, "root");
+    let root_size = release
+        .images
+        .iter()
+        .find(|i| i.role == "root")
+        .unwrap()
+        .size;
+    world.server.set_fault(
+        FaultRule::new(root_path.as_str(), Fault::DropAfter(root_size - 4 * MIB)).times(1),
+    );
+    let a_before = snapshot(&world, SlotId::A);
+    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    assert!(err.to_string().contains("root"), "{err}");
+
+    world.server.clear_log();
+    let report = apply_default(&world).await.unwrap();
+    for t in &report.targets {
+        if t.role == "root" {
+            assert_eq!(t.resumed_from, DEFAULT_CHECKPOINT_BYTES, "{t:?}");
+        } else {
+            assert!(t.reused && t.bytes_fetched == 0, "{t:?}");
+        }
+    }
+    let log = world.server.request_log();
+    let images: Vec<_> = log.iter().filter(|e| e.path != "/manifest.json").collect();
+    assert_eq!(images.len(), 1, "only root is fetched again: {images:#?}");
+    assert_eq!(images[0].path, root_path);
+    assert_eq!(
+        images[0].range.as_deref(),
+        Some(format!("bytes={DEFAULT_CHECKPOINT_BYTES}-").as_str())
+    );
+    assert_eq!(snapshot(&world, SlotId::A), a_before);
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_slot_holds(&world, SlotId::B, &release);
+}
