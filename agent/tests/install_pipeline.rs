@@ -700,6 +700,7 @@ struct FlakySource {
     restart_on_resume: bool,
     restarted: bool,
     fetched: Arc<AtomicU64>,
+    fail_kind: &'static str,
 }
 
 impl ImageSource for FlakySource {
@@ -723,10 +724,7 @@ impl ImageSource for FlakySource {
         let r = if std::mem::take(&mut self.restarted) {
             Ok(Some(SourceChunk::Restarted))
         } else if self.fail_after.is_some_and(|f| self.pos >= f) {
-            Err(SourceError::new(
-                "connection_reset",
-                "connection reset by peer",
-            ))
+            Err(SourceError::new(self.fail_kind, "connection reset by peer"))
         } else {
             let end = (self.pos + self.chunk).min(self.data.len());
             let end = self.fail_after.map_or(end, |f| end.min(f));
@@ -758,6 +756,7 @@ fn flaky(
             restart_on_resume,
             restarted: false,
             fetched: fetched.clone(),
+            fail_kind: "connection_reset",
         },
         fetched,
     )
@@ -772,6 +771,26 @@ async fn fetch_error_is_reported_and_slot_stays_disabled() {
     assert!(
         e.to_string().contains("connection reset")
             && e.to_string().contains("http://test/root.img"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_fetcher_that_sees_too_many_bytes_is_a_size_mismatch() {
+    let image = noise((2 * MIB) as usize, 5);
+    let (mut src, _) = flaky(&image, Some(image.len()), false);
+    src.fail_kind = "too_long";
+    let t = raw_target(&image, Box::new(src));
+    let (_, e) = expect_failure(
+        plan(vec![t]),
+        &small_opts(Readback::Device),
+        false,
+        "size_mismatch",
+    )
+    .await;
+    assert!(
+        e.to_string().contains("longer than declared: at least")
+            && e.to_string().contains(&image.len().to_string()),
         "{e}"
     );
 }
@@ -974,9 +993,14 @@ fn error_kinds_are_stable() {
         what: "compressed",
         expected: 2,
         actual: 3,
+        at_least: true,
     };
     assert_eq!(e.kind(), "size_mismatch");
-    assert!(e.to_string().contains("longer"));
+    assert!(
+        e.to_string()
+            .contains("longer than declared: at least 3 bytes"),
+        "{e}"
+    );
     let e = InstallError::Fetch {
         role: "root".into(),
         url: "u".into(),

@@ -327,9 +327,10 @@ pub enum InstallError {
         part_len: u64,
     },
     #[error(
-        "{role}: the {what} stream from {url} is {} than declared: {actual} bytes, \
+        "{role}: the {what} stream from {url} is {} than declared: {}{actual} bytes, \
          manifest says {expected}",
-        if *actual > *expected { "longer" } else { "shorter" }
+        if *actual > *expected { "longer" } else { "shorter" },
+        if *at_least { "at least " } else { "" }
     )]
     SizeMismatch {
         role: String,
@@ -338,6 +339,8 @@ pub enum InstallError {
         what: &'static str,
         expected: u64,
         actual: u64,
+        /// `actual` is a lower bound (the fetcher stopped at the first byte too many).
+        at_least: bool,
     },
     #[error(
         "{role}: the zstd stream from {url} decompresses past the declared image size of \
@@ -672,6 +675,7 @@ async fn run_job(
         tokio::spawn(pump(src, data_tx, job.buffer_size, etag.clone()).in_current_span())
     });
     let slot = job.slot;
+    let compressed_size = job.compressed_size;
     let dev_w = dev.clone();
     let span = tracing::Span::current();
     let writer = tokio::task::spawn_blocking(move || {
@@ -728,6 +732,16 @@ async fn run_job(
     match written {
         Ok(Ok(report)) => Ok(report),
         Ok(Err(writer::WriterError::StreamAborted)) => Err(match pumped {
+            // The object is bigger than the signed metadata says: a size mismatch, whichever
+            // layer saw the first byte too many.
+            Err(source) if source.kind == "too_long" => InstallError::SizeMismatch {
+                role: role.to_string(),
+                url: record.url.clone(),
+                what: "compressed",
+                expected: compressed_size,
+                actual: compressed_size + 1,
+                at_least: true,
+            },
             Err(source) => InstallError::Fetch {
                 role: role.to_string(),
                 url: record.url.clone(),

@@ -360,6 +360,7 @@ impl Decode<'_> {
                 what: "compressed",
                 expected: job.compressed_size,
                 actual: self.compressed,
+                at_least: false,
             }
             .into());
         }
@@ -485,6 +486,7 @@ impl Decode<'_> {
                 what: "compressed",
                 expected: job.compressed_size,
                 actual: self.compressed,
+                at_least: false,
             }
             .into());
         }
@@ -504,6 +506,7 @@ impl Decode<'_> {
                 what: "image",
                 expected: job.expected_size,
                 actual: self.queued,
+                at_least: false,
             }
             .into());
         }
