@@ -1054,3 +1054,71 @@ async fn manifest_entry_and_resolved_partition_make_a_target() {
     assert_eq!(e.kind(), "invalid_plan");
     assert!(e.to_string().contains("usr: sha256"), "{e}");
 }
+
+#[tokio::test]
+async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply() {
+    // A partition at an offset that is not sector aligned cannot be read with O_DIRECT.
+    let mut env = Env::new();
+    let image = noise((MIB + 1000) as usize, 31);
+    let mut t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://odd", image.clone(), 65536)),
+    );
+    t.part_offset = B_OFF + 100;
+    t.part_len = PART - 100;
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
+    assert_eq!(
+        r.unwrap().targets[0].readback,
+        Some(ReadbackMethod::DropCache)
+    );
+    env.assert_outside_b_untouched();
+
+    // ... and a corrupted write is still caught that way.
+    let mut env = Env::new();
+    let mut t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://odd", image.clone(), 65536)),
+    );
+    t.part_offset = B_OFF + 100;
+    t.part_len = PART - 100;
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, true).await;
+    let e = r.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            InstallError::ReadbackMismatch {
+                method: ReadbackMethod::DropCache,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!env.boot.slot_bootable(SlotId::B));
+}
+
+#[tokio::test]
+async fn image_filling_its_partition_with_an_unaligned_tail_reads_back_without_leaving_it() {
+    // The last 300 bytes of the image end exactly at the partition end: an O_DIRECT read
+    // rounded up to the block size would leave the partition, so the tail is read through
+    // the (dropped) cache instead.
+    let mut env = Env::new();
+    let image = noise((2 * MIB + 300) as usize, 32);
+    let mut t = raw_target(
+        &image,
+        Box::new(BytesSource::new("mem://full", image.clone(), 65536)),
+    );
+    t.part_len = image.len() as u64;
+    let opts = small_opts(Readback::Uncached {
+        path: env.path.clone(),
+    });
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
+    assert_eq!(r.unwrap().targets[0].readback, Some(ReadbackMethod::Direct));
+    assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+    env.assert_outside_b_untouched();
+}

@@ -209,7 +209,9 @@ pub enum Phase {
     Done,
 }
 
-/// One progress report. `done`/`total` are image bytes of the target `role`.
+/// One progress report. `done`/`total` are image bytes of the target `role`. `Verifying`
+/// reports interleave with `Writing` ones: each fsynced checkpoint is read back while the
+/// download continues.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressEvent {
     pub slot: SlotId,
