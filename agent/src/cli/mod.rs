@@ -49,6 +49,9 @@ pub enum Command {
     /// The rollback drill: fail the next trial boot on purpose, then report the timeline.
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// Run unattended: poll the manifest, install when this host's wave opens, reboot as the
+    /// strategy allows (immediate, maintenance window, FleetLock); stops cleanly on SIGTERM.
+    Daemon(DaemonArgs),
     /// Run the whole job in a self-contained sandbox: a GPT disk image file, keys, a signed
     /// update served over loopback, reboots through the boot simulator.
     Demo(DemoArgs),
@@ -118,6 +121,13 @@ pub enum DrillCommand {
 pub enum ConfigCommand {
     /// Print the merged configuration (main file and drop-ins) as TOML.
     Show,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// One cycle (poll, install, reboot decision), print its outcome, exit.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(Debug, Args)]
@@ -261,6 +271,10 @@ pub fn run(
                     }
                 }
             }
+        }
+        Command::Daemon(args) => {
+            let opts = crate::daemon::DaemonOptions { once: args.once };
+            return crate::daemon::run(load_config(cli.config)?, opts);
         }
         Command::Demo(args) => {
             let code = crate::sandbox::demo::run(&args, out)?;
