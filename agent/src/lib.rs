@@ -8,6 +8,7 @@
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod disk;
 pub mod error;
 pub mod fetch;

@@ -130,7 +130,8 @@ pub async fn check(
     )
     .err()
     .map(|e| (e.kind().to_string(), e.to_string()));
-    let seed = wave_seed();
+    // `[daemon] wave_seed` or the machine id at `[daemon] machine_id_path`.
+    let seed = crate::fleet::wave_seed(&host.config).ok();
     let from = seed.and_then(|s| eligible_from(&m.waves, s));
     let now = OffsetDateTime::now_utc().unix_timestamp();
     Ok(CheckReport {

@@ -1,0 +1,554 @@
+//! `update-agent daemon`: the unattended loop.
+//!
+//! Each cycle: give back a FleetLock slot if the boot it was taken for committed (Zincati's
+//! rule: release only after a healthy boot; a host whose trial failed keeps its slot, which
+//! halts its group's rollout) -> if a slot is staged, go to the reboot decision -> else
+//! check the manifest (verify, policy, wave) -> when this host's wave is open, run the same
+//! pipeline as `apply` (same install lock, so never two installs at once) -> reboot as the
+//! strategy allows (immediately, inside a maintenance window, or holding a FleetLock slot).
+//! Between cycles it sleeps the poll interval plus random jitter, or backs off exponentially
+//! after a failure. It reports through sd_notify (READY, STATUS, WATCHDOG), a Prometheus
+//! text file, and optionally a report endpoint.
+//!
+//! SIGTERM (or SIGINT) stops it in any phase: the cycle is dropped at its next await point and
+//! the process exits; an interrupted install resumes from its checkpoints on the next start,
+//! and the boot flags are crash-atomic whatever instant the process dies at.
+
+pub mod notify;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::config::{Config, RebootStrategy};
+use crate::error::AgentError;
+use crate::fleet::lock::{FleetLockClient, HeldSlot};
+use crate::fleet::metrics::{self, Counters, Live};
+use crate::fleet::report::{self, Report};
+use crate::fleet::window::{self, Window, WindowState};
+use crate::fleet::FleetError;
+use crate::host::Host;
+use crate::install::ProgressEvent;
+use crate::ops::apply::{apply, ApplyOptions};
+use crate::state::Phase;
+use notify::Notifier;
+
+/// Timeout of one FleetLock or report request.
+const FLEET_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Environment variable for crash tests only: block the install at this progress phase
+/// (`disabled`, `writing`, `flushing`, `verifying`, `done`) until the process is stopped.
+pub const TEST_HOLD_ENV: &str = "UPDATE_AGENT_TEST_HOLD";
+
+/// How the daemon runs.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// One cycle (poll, install, reboot decision), then exit.
+    pub once: bool,
+}
+
+/// A daemon cycle's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+}
+
+impl DaemonError {
+    /// A stable machine-readable kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DaemonError::Agent(e) => e.kind(),
+            DaemonError::Fleet(e) => e.kind(),
+            DaemonError::State(e) => e.kind(),
+        }
+    }
+}
+
+/// What one cycle ended with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum CycleOutcome {
+    /// Nothing to install: up to date, or policy refuses the offered release.
+    UpToDate { reason: String },
+    /// A release is offered but this host's wave opens at `at` (Unix seconds).
+    WaitingForWave { version: String, at: i64 },
+    /// Staged; the next maintenance window opens at `at`.
+    WaitingForWindow { version: String, at: i64 },
+    /// Staged; the FleetLock server has no free reboot slot.
+    WaitingForSlot { version: String, reason: String },
+    /// Holding a FleetLock slot after a boot that did not commit: the group's rollout is
+    /// halted until an operator looks at this host.
+    Halted { phase: String, version: String },
+    /// The reboot command ran.
+    Rebooting { version: String },
+}
+
+impl CycleOutcome {
+    /// One human line, for STATUS= and logs.
+    pub fn render(&self) -> String {
+        let at = |t: i64| {
+            OffsetDateTime::from_unix_timestamp(t)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| t.to_string())
+        };
+        match self {
+            CycleOutcome::UpToDate { reason } => format!("up to date ({reason})"),
+            CycleOutcome::WaitingForWave { version, at: t } => {
+                format!("{version} offered; this host's wave opens at {}", at(*t))
+            }
+            CycleOutcome::WaitingForWindow { version, at: t } => {
+                format!(
+                    "{version} staged; reboot in the maintenance window at {}",
+                    at(*t)
+                )
+            }
+            CycleOutcome::WaitingForSlot { version, reason } => {
+                format!("{version} staged; waiting for a FleetLock reboot slot ({reason})")
+            }
+            CycleOutcome::Halted { phase, version } => format!(
+                "holding the FleetLock slot taken for {version}: the boot did not commit \
+                 (phase {phase}); rollout halted for this group until an operator releases it"
+            ),
+            CycleOutcome::Rebooting { version } => format!("rebooting into {version}"),
+        }
+    }
+}
+
+/// Run the daemon on its own runtime until SIGTERM/SIGINT (or after one cycle with `once`).
+pub fn run(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Io {
+            what: "starting the async runtime".into(),
+            source,
+        })?;
+    let result = rt.block_on(run_async(config, opts));
+    // A blocking step of an interrupted install gets a moment to finish; the process exits
+    // after that whatever it is doing (every on-disk step is crash-safe).
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+/// Set once a stop signal arrived.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// How long a stop may take before the process exits regardless (systemd's default
+/// TimeoutStopSec is 90 s; every on-disk step is crash-safe, so exiting is always safe).
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// The daemon on the current (multi-thread) runtime.
+pub async fn run_async(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| AgentError::Io { what, source }
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(io("installing the SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("installing the SIGINT handler"))?;
+    let notifier = Arc::new(Notifier::from_env());
+    let mut daemon = Daemon::new(Host::open(config)?, notifier.clone())?;
+    notifier.ready("started");
+    info!(once = opts.once, "daemon started");
+    let watchdog = notifier.watchdog_interval().map(|every| {
+        let n = notifier.clone();
+        tokio::spawn(async move {
+            loop {
+                n.watchdog();
+                tokio::time::sleep(every).await;
+            }
+        })
+    });
+    // Signals are watched on a worker thread, so a stop is seen even while a cycle runs a
+    // blocking step on this one.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopper = {
+        let stop = stop.clone();
+        let notifier = notifier.clone();
+        tokio::spawn(async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            info!(signal = name, "stopping");
+            notifier.stopping(&format!("stopping ({name})"));
+            STOPPING.store(true, Ordering::SeqCst);
+            stop.notify_one();
+            tokio::time::sleep(STOP_GRACE).await;
+            warn!("the current step did not stop within {STOP_GRACE:?}; exiting anyway");
+            std::process::exit(0);
+        })
+    };
+    // The cycle (apply's future is not Send) runs here; a stop drops it at its next await.
+    let code = tokio::select! {
+        code = daemon.run_loop(opts.once) => code,
+        () = stop.notified() => ExitCode::SUCCESS,
+    };
+    stopper.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    Ok(code)
+}
+
+/// The daemon's state between cycles.
+#[derive(Debug)]
+pub struct Daemon {
+    host: Host,
+    notifier: Arc<Notifier>,
+    windows: Vec<Window>,
+    node_id: Option<String>,
+    counters: Counters,
+    live: Live,
+    http: reqwest::Client,
+    hold_at: Option<String>,
+}
+
+impl Daemon {
+    /// Check what the strategy needs (windows parse, a node id for FleetLock or reports).
+    pub fn new(host: Host, notifier: Arc<Notifier>) -> Result<Daemon, AgentError> {
+        let fleet = |e: FleetError| AgentError::Refused(format!("[{}] {e}", e.kind()));
+        let windows = Window::all(&host.config.reboot.windows).map_err(fleet)?;
+        let needs_id = host.config.reboot.strategy == RebootStrategy::FleetLock
+            || host.config.daemon.report_url.is_some();
+        let node_id = if needs_id {
+            Some(crate::fleet::node_id(&host.config).map_err(fleet)?)
+        } else {
+            crate::fleet::node_id(&host.config).ok()
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(FLEET_HTTP_TIMEOUT)
+            .build()
+            .map_err(|e| AgentError::Refused(format!("building the HTTP client: {e}")))?;
+        let counters = Counters::load(host.state.dir());
+        let live = Live {
+            wave_seed: crate::fleet::wave_seed(&host.config).ok().map(|s| s.get()),
+            ..Live::default()
+        };
+        Ok(Daemon {
+            host,
+            notifier,
+            windows,
+            node_id,
+            counters,
+            live,
+            http,
+            hold_at: std::env::var(TEST_HOLD_ENV).ok(),
+        })
+    }
+
+    /// Cycles until stopped; with `once`, one cycle (exit status 1 if it failed).
+    pub async fn run_loop(&mut self, once: bool) -> ExitCode {
+        let mut failures: u32 = 0;
+        loop {
+            let result = self.cycle().await;
+            self.after_cycle(&result).await;
+            let wait = match &result {
+                Ok(outcome) => {
+                    failures = 0;
+                    info!(outcome = %outcome.render(), "cycle done");
+                    self.notifier.status(&outcome.render());
+                    if once {
+                        if let Ok(line) = serde_json::to_string(outcome) {
+                            println!("{line}");
+                        }
+                        return ExitCode::SUCCESS;
+                    }
+                    if let CycleOutcome::Rebooting { .. } = outcome {
+                        // The service manager stops us as the system goes down.
+                        std::future::pending::<()>().await;
+                    }
+                    self.wait_after(outcome)
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = self.backoff(failures);
+                    warn!(kind = e.kind(), error = %e, retry_in = ?wait, "cycle failed");
+                    self.notifier.status(&format!(
+                        "failed [{}]: {e}; retrying in {}s",
+                        e.kind(),
+                        wait.as_secs()
+                    ));
+                    if once {
+                        println!(
+                            "{}",
+                            serde_json::json!({"outcome": "failed", "kind": e.kind(), "message": e.to_string()})
+                        );
+                        return ExitCode::from(1);
+                    }
+                    wait
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn poll_wait(&self) -> Duration {
+        let d = &self.host.config.daemon;
+        d.poll_interval.get() + jitter(d.jitter.get())
+    }
+
+    /// Sleep after a successful cycle: the poll interval, or less when a wave or window
+    /// opens sooner.
+    fn wait_after(&self, outcome: &CycleOutcome) -> Duration {
+        let poll = self.poll_wait();
+        match outcome {
+            CycleOutcome::WaitingForWave { at, .. } | CycleOutcome::WaitingForWindow { at, .. } => {
+                let now = OffsetDateTime::now_utc().unix_timestamp();
+                let secs = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
+                poll.min(Duration::from_secs(secs))
+            }
+            _ => poll,
+        }
+    }
+
+    /// Exponential backoff from the poll interval (at most 1 min as a base), capped, with
+    /// jitter so a fleet that failed together does not retry together.
+    fn backoff(&self, failures: u32) -> Duration {
+        let d = &self.host.config.daemon;
+        let base = d.poll_interval.get().min(Duration::from_secs(60));
+        let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+        let capped = exp.min(d.max_backoff.get());
+        capped / 2 + jitter(capped / 2)
+    }
+
+    /// One cycle.
+    pub async fn cycle(&mut self) -> Result<CycleOutcome, DaemonError> {
+        let state = self.host.state.load()?;
+        self.live.running_version = self.running_version(&state);
+        if let Some(held) = HeldSlot::load(self.host.state.dir())? {
+            self.live.fleetlock_held = true;
+            match &state.phase {
+                Phase::Committed { .. } | Phase::Idle => self.release(&held).await?,
+                Phase::Staged { .. } => {}
+                other => {
+                    return Ok(CycleOutcome::Halted {
+                        phase: metrics::phase_name(other).to_string(),
+                        version: held.version,
+                    })
+                }
+            }
+        } else {
+            self.live.fleetlock_held = false;
+        }
+        if let Phase::Staged { version, .. } = &state.phase {
+            return self.reboot_step(version).await;
+        }
+
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        self.counters.checks_total += 1;
+        self.counters.last_check_unix = Some(now);
+        self.notifier.status("checking for updates");
+        let check = match crate::ops::check::check(&self.host, None, false, false).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.check_failures_total += 1;
+                return Err(e.into());
+            }
+        };
+        self.counters.last_success_unix = Some(now);
+        self.live.wave_seed = check.wave_seed.or(self.live.wave_seed);
+        self.live.eligible_from = check.eligible_from;
+        if let Some((_kind, why)) = check.refused {
+            return Ok(CycleOutcome::UpToDate { reason: why });
+        }
+        if !check.eligible_now {
+            return Ok(CycleOutcome::WaitingForWave {
+                version: check.version,
+                at: check.eligible_from.unwrap_or(now),
+            });
+        }
+
+        info!(version = %check.version, "installing");
+        self.notifier
+            .status(&format!("installing {}", check.version));
+        let started = Instant::now();
+        let notifier = self.notifier.clone();
+        let hold_at = self.hold_at.clone();
+        let version = check.version.clone();
+        let mut last_pct = None;
+        let mut progress = move |ev: ProgressEvent| {
+            let phase = format!("{:?}", ev.phase).to_lowercase();
+            let pct = ev
+                .done
+                .saturating_mul(100)
+                .checked_div(ev.total)
+                .unwrap_or(0);
+            if last_pct != Some((phase.clone(), pct / 10)) {
+                notifier.status(&format!("installing {version}: {} {phase} {pct}%", ev.role));
+                last_pct = Some((phase.clone(), pct / 10));
+            }
+            if hold_at.as_deref() == Some(phase.as_str())
+                && (ev.phase != crate::install::Phase::Writing || pct >= 50)
+            {
+                test_hold(&notifier, &phase);
+            }
+        };
+        let report = apply(&self.host, &ApplyOptions::default(), &mut progress).await?;
+        self.counters.installs_total += 1;
+        self.counters.downloaded_bytes_total += report.bytes_fetched;
+        self.counters.last_install_seconds = Some(started.elapsed().as_secs_f64());
+        info!(summary = %report.render(), "installed");
+        self.reboot_step(&report.version).await
+    }
+
+    /// Staged: reboot if the strategy allows it now.
+    async fn reboot_step(&mut self, version: &str) -> Result<CycleOutcome, DaemonError> {
+        let reboot = &self.host.config.reboot;
+        match reboot.strategy {
+            RebootStrategy::Immediate => {}
+            RebootStrategy::Window => {
+                if let Some(WindowState::Closed { opens }) =
+                    window::state_at(&self.windows, jiff::Timestamp::now())
+                {
+                    return Ok(CycleOutcome::WaitingForWindow {
+                        version: version.to_string(),
+                        at: opens.as_second(),
+                    });
+                }
+            }
+            RebootStrategy::FleetLock => {
+                let Some(cfg) = &reboot.fleet_lock else {
+                    return Err(AgentError::Refused(
+                        "strategy = \"fleet_lock\" without [reboot.fleet_lock]".into(),
+                    )
+                    .into());
+                };
+                let id = self.node_id.clone().unwrap_or_default();
+                let client = FleetLockClient::new(&cfg.url, &id, &cfg.group, FLEET_HTTP_TIMEOUT)?;
+                match client.pre_reboot().await {
+                    Ok(()) => {
+                        HeldSlot {
+                            url: cfg.url.clone(),
+                            id,
+                            group: cfg.group.clone(),
+                            version: version.to_string(),
+                            taken_at: OffsetDateTime::now_utc(),
+                        }
+                        .save(self.host.state.dir())?;
+                        self.live.fleetlock_held = true;
+                    }
+                    Err(FleetError::LockRefused {
+                        status,
+                        kind,
+                        value,
+                        ..
+                    }) => {
+                        return Ok(CycleOutcome::WaitingForSlot {
+                            version: version.to_string(),
+                            reason: format!("HTTP {status} [{kind}] {value}"),
+                        })
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        info!(version, "rebooting");
+        self.notifier.status(&format!("rebooting into {version}"));
+        crate::ops::reboot::reboot(&self.host)?;
+        Ok(CycleOutcome::Rebooting {
+            version: version.to_string(),
+        })
+    }
+
+    /// Give back the slot named by the marker (its own URL, id and group: exactly what was
+    /// taken, even if the configuration changed since).
+    async fn release(&mut self, held: &HeldSlot) -> Result<(), DaemonError> {
+        let client = FleetLockClient::new(&held.url, &held.id, &held.group, FLEET_HTTP_TIMEOUT)?;
+        client.steady_state().await?;
+        HeldSlot::clear(self.host.state.dir())?;
+        self.live.fleetlock_held = false;
+        info!(group = %held.group, version = %held.version, "FleetLock slot released after a committed boot");
+        Ok(())
+    }
+
+    fn running_version(&self, state: &crate::state::State) -> Option<String> {
+        let slots = self.host.slots().ok()?;
+        let booted = self.host.booted_slot(&slots).ok()?.slot;
+        state.slots.get(&booted).map(|r| r.version.clone())
+    }
+
+    /// Metrics file and status report, best effort: neither may stop updates.
+    async fn after_cycle(&mut self, result: &Result<CycleOutcome, DaemonError>) {
+        if let Err(e) = result {
+            *self
+                .counters
+                .failures_by_kind
+                .entry(e.kind().to_string())
+                .or_insert(0) += 1;
+        }
+        let dir = self.host.state.dir().to_path_buf();
+        if let Err(e) = self.counters.save(&dir) {
+            warn!(error = %e, "could not save the metrics counters");
+        }
+        let state = match self.host.state.load() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "could not read the state for metrics");
+                return;
+            }
+        };
+        if let Some(path) = &self.host.config.daemon.metrics_path {
+            let text = metrics::render(&self.counters, &state, &self.live);
+            if let Err(e) = metrics::write(path, &text) {
+                warn!(error = %e, "could not write metrics");
+            }
+        }
+        if let (Some(url), Some(id)) = (&self.host.config.daemon.report_url, &self.node_id) {
+            let last_error = match (result, &state.phase) {
+                (Err(e), _) => Some(format!("[{}] {e}", e.kind())),
+                (_, Phase::Failed { kind, message }) => Some(format!("[{kind}] {message}")),
+                (_, Phase::RolledBack { reason, .. }) => Some(format!("rolled back: {reason}")),
+                _ => None,
+            };
+            let r = Report {
+                id: id.clone(),
+                version: self.live.running_version.clone(),
+                phase: metrics::phase_name(&state.phase).to_string(),
+                last_error,
+                wave_seed: self.live.wave_seed,
+            };
+            if let Err(e) = report::send(&self.http, url, &r, FLEET_HTTP_TIMEOUT).await {
+                warn!(error = %e, "status report not delivered");
+            }
+        }
+    }
+}
+
+/// Crash tests only: stop making progress here until the process is killed.
+fn test_hold(notifier: &Notifier, phase: &str) {
+    warn!(
+        phase,
+        "{TEST_HOLD_ENV} is set: holding the install until stopped"
+    );
+    notifier.status(&format!("test-hold {phase}"));
+    while !STOPPING.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Die here, inside the step, as a crash at this point would.
+    std::process::exit(0);
+}
+
+/// A uniformly random duration in `[0, max]`.
+fn jitter(max: Duration) -> Duration {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if max.is_zero() || ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return Duration::ZERO;
+    }
+    let frac = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
+    max.mul_f64(frac)
+}

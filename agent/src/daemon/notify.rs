@@ -1,0 +1,95 @@
+//! systemd notifications (`sd_notify`): READY=1, STATUS=, WATCHDOG=1, STOPPING=1 as datagrams
+//! to `$NOTIFY_SOCKET` (a path, or an abstract name starting with '@'). Without the variable
+//! every call is a no-op, so the daemon runs the same outside systemd.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where notifications go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Path(PathBuf),
+    Abstract(Vec<u8>),
+}
+
+/// A handle on the service manager's notification socket.
+#[derive(Debug)]
+pub struct Notifier {
+    socket: Option<(UnixDatagram, Target)>,
+    watchdog: Option<Duration>,
+}
+
+impl Notifier {
+    /// From `NOTIFY_SOCKET` and `WATCHDOG_USEC` (honoured only when `WATCHDOG_PID` is unset
+    /// or names this process, as sd_watchdog_enabled does).
+    pub fn from_env() -> Notifier {
+        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|v| {
+            let bytes = v.as_encoded_bytes();
+            match bytes.first() {
+                Some(b'@') => Some(Target::Abstract(bytes[1..].to_vec())),
+                Some(b'/') => Some(Target::Path(PathBuf::from(v))),
+                _ => {
+                    tracing::warn!(socket = ?v, "NOTIFY_SOCKET is neither a path nor @abstract; not notifying");
+                    None
+                }
+            }
+        });
+        let socket = target.and_then(|t| match UnixDatagram::unbound() {
+            Ok(s) => Some((s, t)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create the notification socket");
+                None
+            }
+        });
+        let pid_ok = std::env::var("WATCHDOG_PID")
+            .ok()
+            .is_none_or(|p| p.trim() == std::process::id().to_string());
+        let watchdog = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|us| *us > 0 && pid_ok)
+            .map(Duration::from_micros);
+        Notifier { socket, watchdog }
+    }
+
+    /// How often to send WATCHDOG=1: half the service's watchdog timeout.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        self.watchdog.map(|d| d / 2)
+    }
+
+    /// Send one message (`KEY=VALUE` lines). Best effort: a failure is logged, never fatal.
+    pub fn send(&self, msg: &str) {
+        let Some((sock, target)) = &self.socket else {
+            return;
+        };
+        let result = match target {
+            Target::Path(p) => sock.send_to(msg.as_bytes(), p),
+            Target::Abstract(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name)
+                    .and_then(|addr| sock.send_to_addr(msg.as_bytes(), &addr))
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "sd_notify failed");
+        }
+    }
+
+    /// STATUS= with a human line (newlines would end the field: replaced).
+    pub fn status(&self, line: &str) {
+        self.send(&format!("STATUS={}", line.replace('\n', " ")));
+    }
+
+    pub fn ready(&self, line: &str) {
+        self.send(&format!("READY=1\nSTATUS={}", line.replace('\n', " ")));
+    }
+
+    pub fn watchdog(&self) {
+        self.send("WATCHDOG=1");
+    }
+
+    pub fn stopping(&self, line: &str) {
+        self.send(&format!("STOPPING=1\nSTATUS={}", line.replace('\n', " ")));
+    }
+}
