@@ -78,13 +78,12 @@ pub struct CheckResult {
 impl CheckResult {
     /// One line naming the check, what happened and the end of its output.
     pub fn describe(&self) -> String {
+        const KEEP: usize = 400;
         let tail = self.output_tail.trim();
-        let tail = match tail.lines().last() {
-            Some(_) if tail.len() > 400 => {
-                format!(": ...{}", &tail[floor(tail, tail.len() - 400)..])
-            }
-            Some(_) => format!(": {tail}"),
-            None => String::new(),
+        let tail = if tail.len() > KEEP {
+            format!("...{}", &tail[char_floor(tail, tail.len() - KEEP)..])
+        } else {
+            tail.to_string()
         };
         format!(
             "{} check {} {} ({}){}",
@@ -92,12 +91,17 @@ impl CheckResult {
             self.name,
             if self.passed { "passed" } else { "failed" },
             self.status,
-            tail.replace('\n', " | ")
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", tail.replace('\n', " | "))
+            }
         )
     }
 }
 
-fn floor(s: &str, mut i: usize) -> usize {
+/// The first char boundary at or after `i`.
+fn char_floor(s: &str, mut i: usize) -> usize {
     while !s.is_char_boundary(i) {
         i += 1;
     }
@@ -525,11 +529,8 @@ fn http_get(url: &str, timeout: Duration) -> (bool, bool, String, String) {
                     .ok()
                     .and_then(Result::ok)
                     .unwrap_or_default();
-                let tail = body
-                    .get(body.len().saturating_sub(OUTPUT_TAIL as usize)..)
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
+                let from = char_floor(&body, body.len().saturating_sub(OUTPUT_TAIL as usize));
+                let tail = body[from..].trim().to_string();
                 (st.is_success(), false, format!("HTTP {st}"), tail)
             }
         }
