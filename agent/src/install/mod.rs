@@ -674,7 +674,8 @@ async fn run_job(
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<writer::Event>();
     let etag = Arc::new(Mutex::new(record.etag.clone()));
     let pump = source.map(|src| {
-        tokio::spawn(pump(src, data_tx, job.buffer_size, etag.clone()).in_current_span())
+        let wire_hash = writer::wants_wire_hash(&job);
+        tokio::spawn(pump(src, data_tx, job.buffer_size, wire_hash, etag.clone()).in_current_span())
     });
     let slot = job.slot;
     let compressed_size = job.compressed_size;
@@ -767,18 +768,25 @@ async fn run_job(
 }
 
 /// Pull chunks from `src`, coalesce them into `buffer_size` buffers and push them into the
-/// bounded channel (awaiting when the writer is behind: that is the backpressure).
+/// bounded channel (awaiting when the writer is behind: that is the backpressure). With
+/// `wire_hash`, also hash the wire bytes here, off the decode thread, in network-sized steps.
 async fn pump(
     mut src: Box<dyn ImageSource>,
     tx: mpsc::Sender<writer::Msg>,
     buffer_size: usize,
+    wire_hash: bool,
     etag: Arc<Mutex<Option<String>>>,
 ) -> Result<(), SourceError> {
+    let new_ctx = || wire_hash.then(|| ring::digest::Context::new(&ring::digest::SHA256));
+    let mut ctx = new_ctx();
     let mut acc = BytesMut::new();
     let closed = || SourceError::new("cancelled", "the writer stopped");
     loop {
         match src.next_chunk().await? {
             Some(SourceChunk::Data(mut b)) => {
+                if let Some(c) = ctx.as_mut() {
+                    c.update(&b);
+                }
                 if let (Some(e), Ok(mut slot)) = (src.etag(), etag.lock()) {
                     if slot.as_deref() != Some(e.as_str()) {
                         *slot = Some(e);
@@ -806,6 +814,7 @@ async fn pump(
             }
             Some(SourceChunk::Restarted) => {
                 acc.clear();
+                ctx = new_ctx();
                 tx.send(writer::Msg::Restarted)
                     .await
                     .map_err(|_| closed())?;
@@ -816,7 +825,14 @@ async fn pump(
                         .await
                         .map_err(|_| closed())?;
                 }
-                tx.send(writer::Msg::End).await.map_err(|_| closed())?;
+                let wire = ctx.take().map(|c| {
+                    let mut out = [0u8; 32];
+                    out.copy_from_slice(c.finish().as_ref());
+                    out
+                });
+                tx.send(writer::Msg::End(wire))
+                    .await
+                    .map_err(|_| closed())?;
                 return Ok(());
             }
         }

@@ -62,7 +62,8 @@ pub(crate) enum VMsg {
 pub(crate) enum Msg {
     Data(Bytes),
     Restarted,
-    End,
+    /// End of stream, with the SHA-256 of the wire bytes when the download task computed it.
+    End(Option<[u8; 32]>),
 }
 
 /// Writer -> async side.
@@ -320,7 +321,8 @@ struct Decode<'a> {
     /// Wire bytes consumed from the stream start.
     compressed: u64,
     compressed_shared: Arc<AtomicU64>,
-    wire_hash: Option<digest::Context>,
+    /// SHA-256 of the wire bytes, from the download task's end marker.
+    wire_hash: Option<[u8; 32]>,
     decoder: Option<Decoder<'static>>,
     /// The decoder sits at a frame boundary (a complete stream so far).
     frame_done: bool,
@@ -363,9 +365,6 @@ impl Decode<'_> {
                 at_least: false,
             }
             .into());
-        }
-        if let Some(h) = self.wire_hash.as_mut() {
-            h.update(&data);
         }
         if self.decoder.is_some() {
             let mut input: &[u8] = &data;
@@ -450,7 +449,7 @@ impl Decode<'_> {
         self.fill = 0;
         self.queued = 0;
         self.compressed = 0;
-        self.wire_hash = wire_hasher(self.job);
+        self.wire_hash = None;
         self.frame_done = false;
         if let Some(d) = self.decoder.as_mut() {
             d.reinit().map_err(|e| self_decompress(self.job, e))?;
@@ -511,15 +510,14 @@ impl Decode<'_> {
             .into());
         }
         self.hand_off(DMsg::Finish)?;
-        Ok(self.wire_hash.take().map(finish_hash))
+        Ok(self.wire_hash.take())
     }
 }
 
-fn wire_hasher(job: &Job) -> Option<digest::Context> {
-    match (job.compression, job.compressed_sha256) {
-        (Compression::Zstd, Some(_)) => Some(digest::Context::new(&digest::SHA256)),
-        _ => None,
-    }
+/// Whether the wire bytes need their own SHA-256 (zstd with a `compressed_sha256`; for raw
+/// images the wire bytes are the image).
+pub(crate) fn wants_wire_hash(job: &Job) -> bool {
+    job.compression == Compression::Zstd && job.compressed_sha256.is_some()
 }
 
 fn finish_hash(ctx: digest::Context) -> [u8; 32] {
@@ -700,7 +698,7 @@ fn write_all(
             queued: job.start_at,
             compressed: job.start_at,
             compressed_shared,
-            wire_hash: wire_hasher(job),
+            wire_hash: None,
             decoder,
             frame_done: false,
             fetched_this_run: 0,
@@ -718,7 +716,10 @@ fn write_all(
                         restarted = true;
                         d.restart()?;
                     }
-                    Some(Msg::End) => break,
+                    Some(Msg::End(wire)) => {
+                        d.wire_hash = wire;
+                        break;
+                    }
                 }
             }
             d.finish()
