@@ -344,3 +344,58 @@ async fn drill_cli_arm_report_disarm() {
     }
     assert!(text.contains("drill verdict: PASS"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_journal_is_set_aside_and_the_boot_is_still_judged() {
+    let (_d, mut world) = world(Backend::Gptprio).await;
+    install(&mut world, "2.0.0").await;
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    let journal = world.state_dir.join("health.json");
+    std::fs::write(&journal, "{ not json").unwrap();
+    let report = world.health_check().unwrap();
+    assert_eq!(report.outcome, RunOutcome::Committed);
+    let aside: Vec<_> = std::fs::read_dir(&world.state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("health.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), "{ not json");
+    // The drill report only reads: a corrupt journal there is an error naming the file.
+    std::fs::write(&journal, "{ not json").unwrap();
+    let err = ops::drill::report(&world.host().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("health.json"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_drill_marker_still_fires_the_drill() {
+    let (_d, mut world) = world(Backend::Gptprio).await;
+    std::fs::write(world.state_dir.join("drill.armed"), "garbage").unwrap();
+    install(&mut world, "2.0.0").await;
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    let report = world.health_check().unwrap();
+    assert!(report.drill);
+    assert_eq!(report.outcome, RunOutcome::RolledBack);
+    assert!(!world.state_dir.join("drill.armed").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_with_reboot_runs_the_reboot_command() {
+    let (_d, mut world) = world(Backend::Gptprio).await;
+    let marker = world.dir.join("rebooted");
+    world
+        .set_config(
+            "reboot",
+            "command",
+            vec!["touch".to_string(), marker.display().to_string()],
+        )
+        .unwrap();
+    install(&mut world, "2.0.0").await;
+    world.boot().unwrap();
+    world.health_check().unwrap();
+    assert!(!marker.exists(), "a passing trial does not reboot");
+    let report = ops::rollback::rollback(&world.host().unwrap(), true).unwrap();
+    assert!(report.rebooting);
+    assert!(marker.exists(), "the [reboot] command ran");
+    assert!(report.render().contains("rebooting"));
+}

@@ -48,19 +48,23 @@ pub fn peek(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
     }
 }
 
-/// Remove the marker (durably); returns what it held. A corrupt marker still counts as armed
-/// (the operator asked for a drill), stamped now.
-pub fn take(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
-    let marker = match peek(state_dir) {
-        Ok(m) => m,
+/// Whether the drill is armed, for the health check: a corrupt marker still counts as armed
+/// (the operator asked for a drill), stamped now, rather than failing the boot's check.
+pub fn armed(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
+    match peek(state_dir) {
         Err(HealthError::MarkerCorrupt { path, .. }) => {
             tracing::warn!(path = %path.display(), "drill marker unreadable; treating it as armed now");
-            Some(Marker {
+            Ok(Some(Marker {
                 armed_at: OffsetDateTime::now_utc(),
-            })
+            }))
         }
-        Err(e) => return Err(e),
-    };
+        other => other,
+    }
+}
+
+/// Remove the marker (durably); returns what [`armed`] saw.
+pub fn take(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
+    let marker = armed(state_dir)?;
     if marker.is_some() {
         disarm(state_dir)?;
     }

@@ -121,6 +121,27 @@ impl Journal {
         }
     }
 
+    /// [`Journal::load`] for the health check: a corrupt journal is moved aside to
+    /// `health.json.corrupt-<unix time>` and an empty one is used. It is a log, not a guard:
+    /// the state record's phase and denylist still keep a rerun from confirming a failed
+    /// slot, and refusing to judge the boot would roll back a good update.
+    pub fn load_or_set_aside(state_dir: &Path) -> Result<Journal, HealthError> {
+        match Self::load(state_dir) {
+            Err(HealthError::JournalCorrupt { path, source }) => {
+                let aside = state_dir.join(format!(
+                    "{JOURNAL_FILE}.corrupt-{}",
+                    OffsetDateTime::now_utc().unix_timestamp()
+                ));
+                std::fs::rename(&path, &aside).map_err(io_err(&path))?;
+                crate::state::atomic::sync_dir(state_dir).map_err(io_err(state_dir))?;
+                tracing::warn!(path = %path.display(), aside = %aside.display(), error = %source,
+                    "health journal corrupt; moved aside, starting a new one");
+                Ok(Journal::default())
+            }
+            other => other,
+        }
+    }
+
     /// Write atomically (0600), keeping the last [`JOURNAL_LIMIT`] runs.
     pub fn save(&self, state_dir: &Path) -> Result<(), HealthError> {
         let mut j = self.clone();

@@ -149,7 +149,7 @@ pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, A
     let boot_id = crate::state::read_boot_id(&opts.boot_id_path)?;
     let _span = tracing::info_span!("health_check", boot_id = %boot_id).entered();
     let lock = InstallLock::acquire(host.state.dir())?;
-    let journal = Journal::load(host.state.dir())?;
+    let journal = Journal::load_or_set_aside(host.state.dir())?;
     if let Some(run) = journal.for_boot(&boot_id) {
         if run.outcome != RunOutcome::InProgress {
             tracing::info!(outcome = ?run.outcome, "verdict already recorded for this boot");
@@ -245,7 +245,7 @@ fn trial(
             run.started_at = p.started_at;
             run.drill_armed_at = p.drill_armed_at;
         }
-        None => run.drill_armed_at = drill::peek(&dir)?.map(|m| m.armed_at),
+        None => run.drill_armed_at = drill::armed(&dir)?.map(|m| m.armed_at),
     }
     host.state.update(|s| {
         s.phase = Phase::Trial {
