@@ -42,7 +42,8 @@ use notify::Notifier;
 /// Timeout of one FleetLock or report request.
 const FLEET_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Environment variable for crash tests only: block the install at this progress phase
-/// (`disabled`, `writing`, `flushing`, `verifying`, `done`) until the process is stopped.
+/// (`disabled`, `writing`, `flushing`, `verifying`, `done`), optionally once it reached a
+/// percentage (`writing:90`), until the process is stopped; then exit at that point.
 pub const TEST_HOLD_ENV: &str = "UPDATE_AGENT_TEST_HOLD";
 
 /// How the daemon runs.
@@ -213,7 +214,8 @@ pub struct Daemon {
     counters: Counters,
     live: Live,
     http: reqwest::Client,
-    hold_at: Option<String>,
+    /// [`TEST_HOLD_ENV`]: progress phase and minimum percentage.
+    hold_at: Option<(String, u64)>,
 }
 
 impl Daemon {
@@ -246,7 +248,12 @@ impl Daemon {
             counters,
             live,
             http,
-            hold_at: std::env::var(TEST_HOLD_ENV).ok(),
+            hold_at: std::env::var(TEST_HOLD_ENV)
+                .ok()
+                .map(|v| match v.split_once(':') {
+                    Some((phase, pct)) => (phase.to_string(), pct.parse().unwrap_or(0)),
+                    None => (v, 0),
+                }),
         })
     }
 
@@ -391,10 +398,10 @@ impl Daemon {
                 notifier.status(&format!("installing {version}: {} {phase} {pct}%", ev.role));
                 last_pct = Some((phase.clone(), pct / 10));
             }
-            if hold_at.as_deref() == Some(phase.as_str())
-                && (ev.phase != crate::install::Phase::Writing || pct >= 50)
-            {
-                test_hold(&notifier, &phase);
+            if let Some((hold_phase, min_pct)) = &hold_at {
+                if *hold_phase == phase && pct >= *min_pct {
+                    test_hold(&notifier, &phase);
+                }
             }
         };
         let report = apply(&self.host, &ApplyOptions::default(), &mut progress).await?;
