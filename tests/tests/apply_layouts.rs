@@ -29,6 +29,13 @@ async fn install_and_boot(preset: Preset, backend: Backend) {
     got.sort();
     assert_eq!(got, expected, "every role of the slot was installed");
     assert!(release.images.len() >= if preset == Preset::Flatcar { 1 } else { 2 });
+    let total: u64 = release.images.iter().map(|i| i.size).sum();
+    assert_eq!(report.bytes_written, total, "{report:?}");
+    for t in &report.targets {
+        let image = release.images.iter().find(|i| i.role == t.role).unwrap();
+        assert_eq!(t.sha256, hex::encode(image.sha256), "{t:?}");
+        assert!(t.readback.is_some(), "read-back is on by default: {t:?}");
+    }
     assert_eq!(
         state(&world).phase,
         Phase::Staged {

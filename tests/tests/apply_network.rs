@@ -272,7 +272,12 @@ async fn bytes_past_the_announced_length_are_never_written() {
         .set_fault(FaultRule::new(path.as_str(), Fault::LyingLength(4096)).times(1));
     let a_before = snapshot(&world, SlotId::A);
     let result = apply_default(&world).await;
-    eprintln!("outcome: {:?}", result.as_ref().map(|r| r.render()));
+    let log = image_requests(&world, &release);
+    assert!(
+        log.iter()
+            .any(|e| e.faults.iter().any(|f| f == "lying_length")),
+        "the fault was never applied: {log:#?}"
+    );
     match result {
         Ok(report) => {
             assert_installed(&world, &release, &report, &a_before);
