@@ -261,8 +261,7 @@ impl Daemon {
     pub async fn run_loop(&mut self, once: bool) -> ExitCode {
         let mut failures: u32 = 0;
         loop {
-            let result = self.cycle().await;
-            self.after_cycle(&result).await;
+            let result = self.step().await;
             let wait = match &result {
                 Ok(outcome) => {
                     failures = 0;
@@ -332,7 +331,14 @@ impl Daemon {
         capped / 2 + jitter(capped / 2)
     }
 
-    /// One cycle.
+    /// One cycle, then the metrics file and the status report.
+    pub async fn step(&mut self) -> Result<CycleOutcome, DaemonError> {
+        let result = self.cycle().await;
+        self.after_cycle(&result).await;
+        result
+    }
+
+    /// One cycle: release, reboot decision, check, install (see the module docs).
     pub async fn cycle(&mut self) -> Result<CycleOutcome, DaemonError> {
         let state = self.host.state.load()?;
         self.live.running_version = self.running_version(&state);

@@ -1,0 +1,289 @@
+//! One daemon cycle at a time, in process: the wave gate with an overridden seed, each reboot
+//! strategy's decision (immediate, window closed/open, FleetLock granted/refused/unreachable),
+//! the slot released only after a committed boot and kept after a rollback, status reports,
+//! and the new configuration keys' validation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use update_agent::config::Config;
+use update_agent::daemon::notify::Notifier;
+use update_agent::daemon::{CycleOutcome, Daemon};
+use update_agent::fleet::lock::HeldSlot;
+use update_agent::sandbox::disk_image::Preset;
+use update_agent::sandbox::world::{Backend, World};
+use update_agent::state::{Phase, StateStore};
+use updater_proto::Wave;
+
+async fn world(dir: &Path) -> World {
+    let w = World::create(dir, Preset::Flatcar, Backend::Gptprio, 2)
+        .await
+        .unwrap();
+    std::fs::write(dir.join("machine-id"), "00112233445566778899aabbccddeeff\n").unwrap();
+    w.set_config(
+        "daemon",
+        "machine_id_path",
+        dir.join("machine-id").display().to_string(),
+    )
+    .unwrap();
+    let flag = dir.join("reboot-requested").display().to_string();
+    w.set_config(
+        "reboot",
+        "command",
+        toml::Value::Array(vec!["touch".into(), flag.into()]),
+    )
+    .unwrap();
+    w
+}
+
+fn daemon(w: &World) -> Daemon {
+    Daemon::new(w.host().unwrap(), Arc::new(Notifier::from_env())).unwrap()
+}
+
+fn rebooted(w: &World) -> bool {
+    w.dir.join("reboot-requested").exists()
+}
+
+fn phase(w: &World) -> Phase {
+    StateStore::open(&w.state_dir)
+        .unwrap()
+        .load()
+        .unwrap()
+        .phase
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[tokio::test]
+async fn wave_gate_uses_the_configured_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world(dir.path()).await;
+    let t = now();
+    w.publish(
+        "1.1.0",
+        vec![
+            Wave {
+                seed_bound: 1024,
+                start: t - 10,
+            },
+            Wave {
+                seed_bound: 2048,
+                start: t + 3600,
+            },
+        ],
+    )
+    .unwrap();
+    w.set_config("daemon", "wave_seed", 2000).unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert_eq!(
+        outcome,
+        CycleOutcome::WaitingForWave {
+            version: "1.1.0".into(),
+            at: t + 3600
+        }
+    );
+    assert!(
+        outcome.render().contains("wave opens"),
+        "{}",
+        outcome.render()
+    );
+    assert!(
+        matches!(phase(&w), Phase::Committed { .. }),
+        "nothing installed"
+    );
+    // `check` shows the same seed.
+    let report = update_agent::ops::check::check(&w.host().unwrap(), None, false, false)
+        .await
+        .unwrap();
+    assert_eq!(report.wave_seed, Some(2000));
+    assert_eq!(report.eligible_from, Some(t + 3600));
+
+    // Seed 0 is the first of wave 1, which opened 10 s ago.
+    w.set_config("daemon", "wave_seed", 0).unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert_eq!(
+        outcome,
+        CycleOutcome::Rebooting {
+            version: "1.1.0".into()
+        }
+    );
+    assert!(rebooted(&w));
+    assert!(matches!(phase(&w), Phase::Staged { .. }));
+}
+
+#[tokio::test]
+async fn window_strategy_waits_for_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world(dir.path()).await;
+    w.publish("1.1.0", Vec::new()).unwrap();
+    let all_days = toml::Value::Array(
+        ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+            .iter()
+            .map(|d| toml::Value::from(*d))
+            .collect(),
+    );
+    let window = |start_offset_min: i64, length: &str| {
+        let start = time::OffsetDateTime::now_utc() + time::Duration::minutes(start_offset_min);
+        let mut t = toml::Table::new();
+        t.insert("days".into(), all_days.clone());
+        t.insert(
+            "start".into(),
+            format!("{:02}:{:02}", start.hour(), start.minute()).into(),
+        );
+        t.insert("length".into(), length.into());
+        t.insert("time_zone".into(), "UTC".into());
+        toml::Value::Array(vec![toml::Value::Table(t)])
+    };
+    w.set_config("reboot", "strategy", "window").unwrap();
+    // Opens in two hours (every day, so the next opening is today or tomorrow at that time).
+    w.set_config("reboot", "windows", window(120, "1h"))
+        .unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    let CycleOutcome::WaitingForWindow { at, .. } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert!((at - now() - 7200).abs() <= 120, "opens at {at}");
+    assert!(!rebooted(&w));
+    assert!(
+        matches!(phase(&w), Phase::Staged { .. }),
+        "installed, waiting"
+    );
+    // A window open now: the staged slot reboots without installing again.
+    w.set_config("reboot", "windows", window(-30, "2h"))
+        .unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::Rebooting { .. }),
+        "{outcome:?}"
+    );
+    assert!(rebooted(&w));
+}
+
+#[tokio::test]
+async fn fleet_lock_release_only_after_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world(dir.path()).await;
+    w.publish("1.1.0", Vec::new()).unwrap();
+    let server = &w.server;
+    server
+        .fleetlock()
+        .configure(server_mock::FleetLockSettings {
+            default_slots: 1,
+            groups: Default::default(),
+            ttl_ms: None,
+        });
+    let mut fl = toml::Table::new();
+    fl.insert("url".into(), format!("{}/", server.url()).into());
+    fl.insert("group".into(), "workers".into());
+    w.set_config("reboot", "strategy", "fleet_lock").unwrap();
+    w.set_config("reboot", "fleet_lock", toml::Value::Table(fl))
+        .unwrap();
+    w.set_config("daemon", "report_url", server.url_for("v1/report"))
+        .unwrap();
+
+    // Somebody else holds the only slot: install, then wait.
+    server.fleetlock().pre_reboot("other", "workers").unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(&outcome, CycleOutcome::WaitingForSlot { reason, .. } if reason.contains("409")),
+        "{outcome:?}"
+    );
+    assert!(!rebooted(&w));
+    // The report went out with the node id derived from the machine id.
+    let id = update_agent::fleet::node_id(&w.config().unwrap()).unwrap();
+    assert_eq!(id.len(), 32);
+    assert_eq!(server.reports().get(&id).unwrap().phase, "staged");
+
+    // Slot free: taken, marker written, reboot requested.
+    server.fleetlock().steady_state("other", "workers").unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::Rebooting { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(server.fleetlock().holders("workers"), vec![id.clone()]);
+    let held = HeldSlot::load(&w.state_dir).unwrap().unwrap();
+    assert_eq!(
+        (held.group.as_str(), held.version.as_str()),
+        ("workers", "1.1.0")
+    );
+
+    // The trial boot is still undecided: the slot stays held.
+    w.boot().unwrap();
+    StateStore::open(&w.state_dir)
+        .unwrap()
+        .update(|s| {
+            s.phase = Phase::Trial {
+                slot: update_agent::boot::SlotId::B,
+                version: "1.1.0".into(),
+                boot_id: "x".into(),
+            }
+        })
+        .unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::Halted { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(server.fleetlock().holders("workers"), vec![id.clone()]);
+
+    // Committed: released, marker gone, and the host is up to date.
+    update_agent::ops::commit::mark_good(&w.host().unwrap()).unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::UpToDate { .. }),
+        "{outcome:?}"
+    );
+    assert!(server.fleetlock().holders("workers").is_empty());
+    assert!(HeldSlot::load(&w.state_dir).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn unreachable_fleet_lock_is_an_error_and_nothing_reboots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world(dir.path()).await;
+    w.publish("1.1.0", Vec::new()).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let mut fl = toml::Table::new();
+    fl.insert("url".into(), dead.into());
+    w.set_config("reboot", "strategy", "fleet_lock").unwrap();
+    w.set_config("reboot", "fleet_lock", toml::Value::Table(fl))
+        .unwrap();
+    let e = daemon(&w).step().await.unwrap_err();
+    assert_eq!(e.kind(), "fleetlock_http", "{e}");
+    assert!(!rebooted(&w));
+    assert!(HeldSlot::load(&w.state_dir).unwrap().is_none());
+    assert!(matches!(phase(&w), Phase::Staged { .. }));
+}
+
+#[test]
+fn daemon_keys_are_validated() {
+    for (text, key) in [
+        ("[daemon]\nwave_seed = 2048\n", "daemon.wave_seed"),
+        ("[daemon]\nreport_url = \"ftp://x\"\n", "daemon.report_url"),
+        ("[daemon]\nnode_id = \" \"\n", "daemon.node_id"),
+        ("[daemon]\nmax_backoff = \"0s\"\n", "daemon.max_backoff"),
+    ] {
+        let e = Config::from_toml_str(text).unwrap_err();
+        assert!(e.to_string().contains(key), "{text}: {e}");
+    }
+    let c = Config::from_toml_str(
+        "[daemon]\nwave_seed = 7\nnode_id = \"n1\"\nmetrics_path = \"/run/m.prom\"\n\
+         [reboot]\nstrategy = \"window\"\n[[reboot.windows]]\ndays = [\"Sat\"]\nstart = \"02:30\"\n\
+         length = \"1h\"\ntime_zone = \"Europe/Berlin\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.daemon.wave_seed, Some(7));
+    assert_eq!(update_agent::fleet::wave_seed(&c).unwrap().get(), 7);
+    assert_eq!(update_agent::fleet::node_id(&c).unwrap(), "n1");
+    // `config show` output loads back unchanged.
+    assert_eq!(
+        Config::from_toml_str(&c.to_toml_string().unwrap()).unwrap(),
+        c
+    );
+}
