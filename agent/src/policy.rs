@@ -12,6 +12,11 @@ pub enum PolicyError {
     Downgrade { offered: Version, running: Version },
     #[error("version {offered} is already running")]
     AlreadyRunning { offered: Version },
+    #[error("version {offered} is already installed and staged in slot {slot}: reboot to try it")]
+    AlreadyStaged {
+        offered: Version,
+        slot: crate::boot::SlotId,
+    },
     #[error("version {offered} is on this host's denylist (rolled back: {reason}); pass --allow-denylisted to install it anyway")]
     Denylisted { offered: Version, reason: String },
     #[error("version {offered} requires a running version of at least {minimum}, this host runs {running}")]
@@ -27,6 +32,7 @@ impl PolicyError {
         match self {
             PolicyError::Downgrade { .. } => "downgrade",
             PolicyError::AlreadyRunning { .. } => "already_running",
+            PolicyError::AlreadyStaged { .. } => "already_staged",
             PolicyError::Denylisted { .. } => "denylisted",
             PolicyError::BelowMinimum { .. } => "below_minimum_version",
         }

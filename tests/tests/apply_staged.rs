@@ -118,3 +118,42 @@ async fn apply_during_the_trial_boot_is_refused_and_the_fallback_kept() {
     assert_eq!(report.outcome, RunOutcome::RolledBack, "{report:?}");
     assert_eq!(world.boot().unwrap(), Some(SlotId::A));
 }
+
+/// Applying the staged release again changes nothing: it is not rewritten (which would leave
+/// the slot unbootable meanwhile and lose it if the second run failed), and the refusal is
+/// not recorded as a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn applying_the_staged_release_again_is_refused_and_changes_nothing() {
+    let (_d, world, release) = staged(Backend::Gptprio).await;
+    let b_before = snapshot(&world, SlotId::B);
+    let history_len = state(&world).history.len();
+    world.server.clear_log();
+    let err = apply_default(&world).await.unwrap_err();
+    assert_eq!(err.kind(), "already_staged", "{err}");
+    assert!(err.to_string().contains("reboot to try it"), "{err}");
+    let b_after = snapshot(&world, SlotId::B);
+    assert_eq!(b_after.digests, b_before.digests);
+    assert_eq!(b_after.flags, b_before.flags);
+    let st = state(&world);
+    assert_eq!(
+        st.phase,
+        Phase::Staged {
+            slot: SlotId::B,
+            version: "2.0.0".into()
+        }
+    );
+    assert_eq!(
+        st.history.len(),
+        history_len,
+        "nothing to do is not a failure"
+    );
+    let images_fetched = world
+        .server
+        .request_log()
+        .iter()
+        .filter(|e| e.path != "/manifest.json")
+        .count();
+    assert_eq!(images_fetched, 0, "no image was fetched");
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_slot_holds(&world, SlotId::B, &release);
+}

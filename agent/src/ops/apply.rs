@@ -20,7 +20,7 @@ use crate::install::{
 };
 use crate::ops::manifest::{fetch_and_verify, image_location, locate};
 use crate::ops::resume::ResumeFile;
-use crate::policy::{admit, HostFacts};
+use crate::policy::{admit, HostFacts, PolicyError};
 use crate::state::{HistoryEntry, HistoryEvent, Phase, SlotRecord, State, StateStore};
 
 /// What the operator asked for.
@@ -110,6 +110,15 @@ impl Failure {
 /// so; otherwise it would confirm the slot without running a single check.
 fn record_failure(store: &StateStore, version: Option<&str>, f: &Failure) {
     let (slot, e) = (f.slot, &f.error);
+    // "Nothing to do" is not a failure: the record keeps saying what the host is doing.
+    if let AgentError::Policy(p) = e {
+        if matches!(
+            **p,
+            PolicyError::AlreadyRunning { .. } | PolicyError::AlreadyStaged { .. }
+        ) {
+            return;
+        }
+    }
     let message = e.to_string();
     let kind = e.kind().to_string();
     let result = store.update(|s| {
@@ -243,8 +252,24 @@ async fn install_verified(
     {
         if *slot == booted {
             return Err(early(AgentError::Refused(format!(
-                "slot {booted} runs {v} on its trial boot; slot {target} is its only fallback,                  so nothing is installed until {v} is confirmed (health-check or mark-good)                  or rolled back"
+                "slot {booted} runs {v} on its trial boot; slot {target} is its only \
+                 fallback, so nothing is installed until {v} is confirmed (health-check or \
+                 mark-good) or rolled back"
             ))));
+        }
+    }
+
+    // Writing the same release again would only make the staged slot unbootable for the
+    // time it takes, and lose it if that second run failed.
+    if let Phase::Staged { slot, version: v } = &state.phase {
+        if *slot == target && *v == version && state.slot_verified(target) {
+            return Err(early(
+                PolicyError::AlreadyStaged {
+                    offered: m.version.clone(),
+                    slot: target,
+                }
+                .into(),
+            ));
         }
     }
 
