@@ -6,14 +6,14 @@
 # Usage: tests/bench/install_bench.sh [SIZE_MIB ...]      (default: 256 1024)
 # Env:   BENCH_DIR (work dir, default $CARGO_TARGET_DIR/bench or target/bench)
 #        CARGO_TARGET_DIR (where the release binaries are built)
-#        REPEAT (runs per measurement, best kept; default 2)
+#        REPEAT (rounds; contenders take turns each round, best kept; default 3)
 # Needs: curl, dd, sgdisk (gdisk), zstd. Not part of `cargo test`: it moves gigabytes.
 set -euo pipefail
 shopt -s inherit_errexit
 
 SIZES=("$@")
 [ ${#SIZES[@]} -eq 0 ] && SIZES=(256 1024)
-REPEAT=${REPEAT:-2}
+REPEAT=${REPEAT:-3}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 BENCH_DIR=${BENCH_DIR:-$TARGET/bench}
@@ -78,15 +78,13 @@ run_agent() { # extra args...; prints "wall_s json"
     printf '%s %s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" "$out"
 }
 
-best() { # keep the smaller first field of REPEAT runs of "$@"
-    local best="" line
-    for _ in $(seq "$REPEAT"); do
-        line=$("$@")
-        if [ -z "$best" ] || awk -v a="${line%% *}" -v b="${best%% *}" 'BEGIN { exit !(a < b) }'; then
-            best=$line
-        fi
-    done
-    echo "$best"
+# Keep the line with the smaller first field (seconds).
+keep_min() { # $1 current best line (may be empty), $2 new line
+    if [ -z "$1" ] || awk -v a="${2%% *}" -v b="${1%% *}" 'BEGIN { exit !(a < b) }'; then
+        echo "$2"
+    else
+        echo "$1"
+    fi
 }
 
 json_field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" <<<"$2" | tr -d '"'; }
@@ -117,13 +115,20 @@ for mib in "${SIZES[@]}"; do
         SIZE=$(stat -c %s "$IMG")
         SHA=$(sha256sum "$IMG" | cut -d' ' -f1)
         curl -sf "$URL" >/dev/null   # warm the server's page cache for both contenders
-        LIMIT=$(best run_limit "$URL" "$DISK" "$OFF" $DEC)
-        NORB=$(best run_agent --disk "$DISK" --url "$URL" --size "$SIZE" --sha256 "$SHA" "${EXTRA[@]}" --readback off)
-        RB=$(best run_agent --disk "$DISK" --url "$URL" --size "$SIZE" --sha256 "$SHA" "${EXTRA[@]}" --readback on)
+        # Contenders take turns, so each sees the same background load; best of REPEAT each.
+        # Peak RSS is the largest VmHWM of every agent run, not only of the fastest.
+        LIMIT=""; NORB=""; RB=""; RSS_KIB=0
+        for _ in $(seq "$REPEAT"); do
+            LIMIT=$(keep_min "$LIMIT" "$(run_limit "$URL" "$DISK" "$OFF" $DEC)")
+            for rb in off on; do
+                LINE=$(run_agent --disk "$DISK" --url "$URL" --size "$SIZE" --sha256 "$SHA" "${EXTRA[@]}" --readback $rb)
+                K=$(json_field vm_hwm_kib "$LINE")
+                [ "$K" -gt "$RSS_KIB" ] && RSS_KIB=$K
+                if [ $rb = off ]; then NORB=$(keep_min "$NORB" "$LINE"); else RB=$(keep_min "$RB" "$LINE"); fi
+            done
+        done
         T_NORB=${NORB%% *}; T_RB=${RB%% *}
-        RSS=$(( $(json_field vm_hwm_kib "$RB") / 1024 ))
-        RSS_NORB=$(( $(json_field vm_hwm_kib "$NORB") / 1024 ))
-        [ $RSS_NORB -gt $RSS ] && RSS=$RSS_NORB
+        RSS=$(( RSS_KIB / 1024 ))
         printf '%-28s %8s %8s %8s %7s %7s %9s %s\n' "$kind-$mib MiB" "$LIMIT" "$T_NORB" "$T_RB" \
             "$(ratio "$T_NORB" "$LIMIT")" "$(ratio "$T_RB" "$LIMIT")" "$RSS" "$(json_field readback "$RB")"
         echo "  detail no-readback: ${NORB#* }" >&2
