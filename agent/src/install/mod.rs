@@ -301,7 +301,10 @@ pub struct TargetReport {
     pub sha256: String,
     /// How the read-back was done (`None` when disabled).
     pub readback: Option<ReadbackMethod>,
+    /// From the first byte to the final fsync and the stream hash check.
     pub write_time: Duration,
+    /// Read-back time after the final fsync (the tail); earlier ranges are read back while
+    /// the download runs. For a reused target, the whole verification.
     pub readback_time: Duration,
 }
 
