@@ -210,6 +210,11 @@ async fn fleet_lock_release_only_after_commit() {
         (held.group.as_str(), held.version.as_str()),
         ("workers", "1.1.0")
     );
+    // `status` shows the slot and the seed.
+    let st = update_agent::ops::status::status(&w.host().unwrap()).unwrap();
+    assert_eq!(st.fleetlock_held.as_ref(), Some(&held));
+    assert!(st.wave_seed.is_some());
+    assert!(st.render().contains("FleetLock: holding a reboot slot in group workers"));
 
     // The trial boot is still undecided: the slot stays held.
     w.boot().unwrap();

@@ -27,6 +27,11 @@ pub struct StatusReport {
     pub slots: Vec<SlotReport>,
     pub phase: Phase,
     pub denylist: Vec<String>,
+    /// This host's rollout seed (`[daemon] wave_seed` or from the machine id); `check` says
+    /// when the offered release's waves admit it.
+    pub wave_seed: Option<u32>,
+    /// The FleetLock reboot slot this host holds, if any (released after a committed boot).
+    pub fleetlock_held: Option<crate::fleet::lock::HeldSlot>,
 }
 
 /// Reads everything; writes nothing.
@@ -59,6 +64,10 @@ pub fn status(host: &Host) -> Result<StatusReport, AgentError> {
         slots: slot_reports,
         phase: state.phase.clone(),
         denylist: state.denylist.iter().map(|d| d.version.clone()).collect(),
+        wave_seed: crate::fleet::wave_seed(&host.config).ok().map(|s| s.get()),
+        fleetlock_held: crate::fleet::lock::HeldSlot::load(host.state.dir())
+            .ok()
+            .flatten(),
     })
 }
 
@@ -119,6 +128,20 @@ impl StatusReport {
         );
         if !self.denylist.is_empty() {
             out += &format!("denylisted versions: {}\n", self.denylist.join(", "));
+        }
+        match self.wave_seed {
+            Some(seed) => {
+                out += &format!(
+                    "wave seed: {seed} (`check` shows when the offered release admits it)\n"
+                )
+            }
+            None => out += "wave seed: unknown (no machine id; set [daemon] wave_seed)\n",
+        }
+        if let Some(h) = &self.fleetlock_held {
+            out += &format!(
+                "FleetLock: holding a reboot slot in group {} since {} (for {}); released after a committed boot\n",
+                h.group, h.taken_at, h.version
+            );
         }
         out
     }
