@@ -1122,3 +1122,131 @@ async fn image_filling_its_partition_with_an_unaligned_tail_reads_back_without_l
     assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
     env.assert_outside_b_untouched();
 }
+
+/// The real gptprio backend on an sgdisk-made Flatcar disk: a failed install leaves USR-B
+/// unbootable (cgpt says priority 0, tries 0) and USR-A untouched; a good one is staged by
+/// the caller afterwards. Needs sgdisk and cgpt.
+#[tokio::test]
+async fn real_gpt_and_gptprio_failed_install_leaves_b_unbootable_and_a_untouched() {
+    use update_agent::boot::gptprio::GptPrio;
+    use update_agent::disk::testimg::{
+        cgpt_field, require_tool, run as tool, sgdisk_verify, Layout,
+    };
+    use update_agent::disk::FileDevice;
+    if !require_tool("sgdisk", "gdisk").unwrap() || !require_tool("cgpt", "cgpt").unwrap() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flatcar.img");
+    Layout::Flatcar.create(&path).unwrap();
+    // Leave USR-B looking like a half-staged slot (priority 1, one try) so `disable` has
+    // something to clear.
+    tool(
+        "sgdisk",
+        &["-A=4:set:48".into(), "-A=4:set:52".into()],
+        &path,
+    )
+    .unwrap();
+    assert_eq!(cgpt_field(&path, 4, "-P").unwrap(), 1);
+
+    let mut boot = GptPrio::new(
+        FileDevice::open(&path).unwrap(),
+        "flatcar.img",
+        Layout::Flatcar.config(),
+    )
+    .unwrap();
+    let slots = boot.slots().unwrap();
+    let (a, b) = (
+        slots.get(SlotId::A).parts["usr"].clone(),
+        slots.get(SlotId::B).parts["usr"].clone(),
+    );
+    // Give USR-A content to protect.
+    FileDevice::open(&path)
+        .unwrap()
+        .write_at(&noise(a.byte_len as usize, 77), a.byte_offset)
+        .unwrap();
+    let a_before = sha(&std::fs::read(&path).unwrap()
+        [a.byte_offset as usize..(a.byte_offset + a.byte_len) as usize]);
+
+    let image = noise((3 * MIB + 512) as usize, 78);
+    let entry = |sha256: [u8; 32]| updater_proto::ImageEntry {
+        role: "usr".into(),
+        url: "usr.img".into(),
+        size: image.len() as u64,
+        sha256: hex::encode(sha256),
+        compression: Compression::None,
+        compressed_size: image.len() as u64,
+        compressed_sha256: hex::encode(sha256),
+    };
+    let opts = InstallOptions {
+        readback: Readback::Uncached { path: path.clone() },
+        ..small_opts(Readback::Off)
+    };
+    let mut bad = sha(&image);
+    bad[0] ^= 1;
+    let t = TargetImage::from_entry(
+        SlotId::B,
+        &entry(bad),
+        &b,
+        Box::new(BytesSource::new("usr.img", image.clone(), 65536)),
+    )
+    .unwrap();
+    let dev: Arc<Mutex<dyn BlockDevice>> = Arc::new(Mutex::new(FileDevice::open(&path).unwrap()));
+    let p = InstallPlan {
+        slot: SlotId::B,
+        device: "flatcar.img".into(),
+        targets: vec![t],
+    };
+    let e = install(p, dev.clone(), &mut boot, &opts, &mut NoResume, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "hash_mismatch", "{e}");
+    assert_eq!(cgpt_field(&path, 4, "-P").unwrap(), 0, "USR-B disabled");
+    assert_eq!(cgpt_field(&path, 4, "-T").unwrap(), 0);
+    assert_eq!(
+        cgpt_field(&path, 3, "-P").unwrap(),
+        1,
+        "USR-A keeps its flags"
+    );
+    assert_eq!(cgpt_field(&path, 3, "-S").unwrap(), 1);
+    sgdisk_verify(&path).unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    assert_eq!(
+        sha(&disk[a.byte_offset as usize..(a.byte_offset + a.byte_len) as usize]),
+        a_before
+    );
+    assert_eq!(boot.status().unwrap().next, Some(SlotId::A));
+
+    let t = TargetImage::from_entry(
+        SlotId::B,
+        &entry(sha(&image)),
+        &b,
+        Box::new(BytesSource::new("usr.img", image.clone(), 65536)),
+    )
+    .unwrap();
+    let p = InstallPlan {
+        slot: SlotId::B,
+        device: "flatcar.img".into(),
+        targets: vec![t],
+    };
+    let r = install(p, dev, &mut boot, &opts, &mut NoResume, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.targets[0].readback, Some(ReadbackMethod::Direct));
+    assert_eq!(
+        cgpt_field(&path, 4, "-P").unwrap(),
+        0,
+        "install itself never stages"
+    );
+    boot.stage(SlotId::B).unwrap();
+    assert_eq!(cgpt_field(&path, 4, "-P").unwrap(), 2);
+    assert_eq!(cgpt_field(&path, 4, "-T").unwrap(), 1);
+    assert_eq!(cgpt_field(&path, 4, "-S").unwrap(), 0);
+    sgdisk_verify(&path).unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    assert!(disk[b.byte_offset as usize..b.byte_offset as usize + image.len()] == image[..]);
+    assert_eq!(
+        sha(&disk[a.byte_offset as usize..(a.byte_offset + a.byte_len) as usize]),
+        a_before
+    );
+}
