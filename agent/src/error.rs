@@ -56,7 +56,12 @@ impl AgentError {
             AgentError::Verify { error, .. } => error.kind(),
             AgentError::Fetch(e) => e.kind(),
             AgentError::Policy(e) => e.kind(),
-            AgentError::Install(e) => e.kind(),
+            // A download failure is reported by its cause (timeout, http_status, truncated,
+            // slow_retrieval...), which is what metrics and operators need.
+            AgentError::Install(e) => match e.as_ref() {
+                InstallError::Fetch { source, .. } => source.kind,
+                e => e.kind(),
+            },
             AgentError::BootedSlotUnknown(_) => "booted_slot_unknown",
             AgentError::Refused(_) => "refused",
             AgentError::Io { .. } => "io",

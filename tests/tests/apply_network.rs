@@ -96,7 +96,12 @@ async fn server_errors_that_persist_fail_cleanly() {
         .server
         .set_fault(FaultRule::new(path.as_str(), Fault::Status(500)));
     let a_before = snapshot(&world, SlotId::A);
-    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    let err = assert_clean_failure(
+        &world,
+        apply_default(&world).await,
+        "http_status",
+        &a_before,
+    );
     assert!(err.to_string().contains("500"), "{err}");
     assert_eq!(fetch_source_kind(&err), Some("http_status"), "{err}");
     assert_eq!(
@@ -237,7 +242,7 @@ async fn truncated_file_on_the_server_fails_cleanly() {
         .set_len(len - 4096)
         .unwrap();
     let a_before = snapshot(&world, SlotId::A);
-    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    let err = assert_clean_failure(&world, apply_default(&world).await, "truncated", &a_before);
     assert!(err.to_string().contains("truncated"), "{err}");
     assert_eq!(fetch_source_kind(&err), Some("truncated"), "{err}");
     let _ = release;
@@ -256,9 +261,9 @@ async fn over_long_stream_fails_cleanly() {
     // The fetcher's hard bound stops it (`fetch` / `too_long`); `size_mismatch` is the kind
     // apply_bad_input asks for this case, so either is a clean failure here.
     let kind = result.as_ref().err().map(|e| e.kind()).unwrap_or("none");
-    assert!(matches!(kind, "fetch" | "size_mismatch"), "{result:?}");
+    assert!(matches!(kind, "too_long" | "size_mismatch"), "{result:?}");
     let err = assert_clean_failure(&world, result, kind, &a_before);
-    if kind == "fetch" {
+    if kind == "too_long" {
         assert_eq!(fetch_source_kind(&err), Some("too_long"), "{err}");
     }
 }
@@ -331,7 +336,7 @@ async fn server_that_stalls_fails_cleanly_on_the_read_timeout() {
         .set_fault(FaultRule::new(path.as_str(), Fault::StallAfter(0)));
     let a_before = snapshot(&world, SlotId::A);
     let started = std::time::Instant::now();
-    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    let err = assert_clean_failure(&world, apply_default(&world).await, "timeout", &a_before);
     assert!(err.to_string().contains("timeout"), "{err}");
     assert_eq!(fetch_source_kind(&err), Some("timeout"), "{err}");
     assert!(
@@ -359,7 +364,12 @@ async fn trickling_server_fails_on_the_throughput_floor() {
         .set_fault(FaultRule::new(path.as_str(), Fault::Bandwidth(64 << 10)));
     let a_before = snapshot(&world, SlotId::A);
     let started = std::time::Instant::now();
-    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    let err = assert_clean_failure(
+        &world,
+        apply_default(&world).await,
+        "slow_retrieval",
+        &a_before,
+    );
     assert_eq!(fetch_source_kind(&err), Some("slow_retrieval"), "{err}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(15),

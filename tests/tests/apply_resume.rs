@@ -57,11 +57,11 @@ async fn interrupted(
         .server
         .set_fault(FaultRule::new(path.as_str(), fault(wire)).times(1));
     let a_before = snapshot(&world, SlotId::A);
-    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
-    assert!(
-        matches!(fetch_source_kind(&err), Some("truncated" | "transport")),
-        "{err}"
-    );
+    let result = apply_default(&world).await;
+    let kind = result.as_ref().err().map_or("none", |e| e.kind());
+    assert!(matches!(kind, "truncated" | "transport"), "{result:?}");
+    let err = assert_clean_failure(&world, result, kind, &a_before);
+    assert_eq!(fetch_source_kind(&err), Some(kind), "{err}");
     (dir, world, release)
 }
 
@@ -222,7 +222,10 @@ async fn multi_partition_slot_resumes_only_what_is_missing() {
         FaultRule::new(root_path.as_str(), Fault::DropAfter(root_size - 4 * MIB)).times(1),
     );
     let a_before = snapshot(&world, SlotId::A);
-    let err = assert_clean_failure(&world, apply_default(&world).await, "fetch", &a_before);
+    let result = apply_default(&world).await;
+    let kind = result.as_ref().err().map_or("none", |e| e.kind());
+    assert!(matches!(kind, "truncated" | "transport"), "{result:?}");
+    let err = assert_clean_failure(&world, result, kind, &a_before);
     assert!(err.to_string().contains("root"), "{err}");
 
     world.server.clear_log();
