@@ -69,7 +69,7 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> H
 
 /// One check declared in the configuration (`[[health.checks]]`): exactly one of `unit`,
 /// `http`, `tcp`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckSpec {
     /// Shown in logs and history; defaults to `unit:<name>`, `http:<url>` or `tcp:<addr>`.
@@ -85,15 +85,24 @@ pub struct CheckSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp: Option<String>,
     /// A failing required check fails the boot; a failing wanted one is only logged.
-    #[serde(default = "yes")]
     pub required: bool,
     /// Overrides `[health] check_timeout` for this check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<HumanDuration>,
 }
 
-fn yes() -> bool {
-    true
+impl Default for CheckSpec {
+    /// Nothing to check yet; required.
+    fn default() -> Self {
+        CheckSpec {
+            name: None,
+            unit: None,
+            http: None,
+            tcp: None,
+            required: true,
+            timeout: None,
+        }
+    }
 }
 
 impl CheckSpec {
