@@ -399,3 +399,21 @@ async fn rollback_with_reboot_runs_the_reboot_command() {
     assert!(marker.exists(), "the [reboot] command ran");
     assert!(report.render().contains("rebooting"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_manual_rollback_the_left_slot_is_not_judged_again() {
+    for backend in [Backend::Gptprio, Backend::Grubenv] {
+        let (_d, mut world) = world(backend).await;
+        world.add_check(true, "10-ok", "exit 0").unwrap();
+        install(&mut world, "2.0.0").await;
+        assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+        // The operator rolls back before the health unit ran on this boot.
+        ops::rollback::rollback(&world.host().unwrap(), false).unwrap();
+        let before = flags(&world);
+        let r = world.health_check().unwrap();
+        assert_eq!(r.kind, BootKind::Normal, "{}", r.render());
+        assert!(r.reason.unwrap().contains("not confirmed"));
+        assert_eq!(flags(&world), before, "slot B was not committed again");
+        assert_eq!(world.boot().unwrap(), Some(SlotId::A));
+    }
+}

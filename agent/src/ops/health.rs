@@ -168,6 +168,12 @@ pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, A
         )),
         _ => None,
     };
+    // A slot running a version this host rolled back from is waiting for the reboot away
+    // from it; whatever its flags say, it is not judged again.
+    let booted_denied = state
+        .slots
+        .get(&booted)
+        .is_some_and(|r| state.is_denied(&r.version));
     let ctx = Ctx {
         host,
         settings: &settings,
@@ -177,7 +183,7 @@ pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, A
     match pending {
         Some((slot, version, _)) if slot == booted => trial(ctx, lock, slot, version),
         Some((slot, version, was_trial)) => fallback(ctx, booted, slot, version, was_trial),
-        None if flags_say_trial(host, booted)? => {
+        None if !booted_denied && flags_say_trial(host, booted)? => {
             // The record lost track of a stage (an older agent, a restored state directory):
             // the flags are the truth, and a trial is never confirmed unchecked.
             let version = state
