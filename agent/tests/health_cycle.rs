@@ -522,3 +522,63 @@ async fn a_trial_the_record_forgot_is_still_checked_gptprio() {
 async fn a_trial_the_record_forgot_is_still_checked_grubenv() {
     trial_known_only_to_the_flags(Backend::Grubenv).await;
 }
+
+async fn fallback_after_several_tries(backend: Backend) {
+    let (_d, mut world) = world(backend).await;
+    world.set_config("boot", "tries", 3).unwrap();
+    assert_eq!(install(&mut world, "2.0.0").await, SlotId::B);
+    // Three attempts on B that never reach the health check, then the loader gives up.
+    for _ in 0..3 {
+        assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    }
+    assert_eq!(world.boot().unwrap(), Some(SlotId::A));
+    let report = world.health_check().unwrap();
+    assert_eq!(
+        (report.kind, report.outcome),
+        (BootKind::Fallback, RunOutcome::FallbackDetected)
+    );
+    assert_eq!(next_boot(&world), Some(SlotId::A));
+    assert_eq!(world.boot().unwrap(), Some(SlotId::A));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_after_three_tries_gptprio() {
+    fallback_after_several_tries(Backend::Gptprio).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_after_three_tries_grubenv() {
+    fallback_after_several_tries(Backend::Grubenv).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_trial_boot_after_a_crash_runs_the_checks_again() {
+    let (_d, mut world) = world(Backend::Gptprio).await;
+    world.set_config("boot", "tries", 2).unwrap();
+    world.add_check(true, "10-ok", "exit 0").unwrap();
+    install(&mut world, "2.0.0").await;
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    // The first trial boot dies while its checks run: phase Trial with that boot's id.
+    let host = world.host().unwrap();
+    let first_boot = std::fs::read_to_string(&world.boot_id)
+        .unwrap()
+        .trim()
+        .to_string();
+    host.state
+        .update(|s| {
+            s.phase = Phase::Trial {
+                slot: SlotId::B,
+                version: "2.0.0".into(),
+                boot_id: first_boot.clone(),
+            }
+        })
+        .unwrap();
+    // The loader gives B its second try; this boot's check runs and commits.
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    let report = world.health_check().unwrap();
+    assert_eq!(
+        (report.kind, report.outcome),
+        (BootKind::Trial, RunOutcome::Committed)
+    );
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+}
