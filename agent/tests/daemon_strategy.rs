@@ -214,7 +214,9 @@ async fn fleet_lock_release_only_after_commit() {
     let st = update_agent::ops::status::status(&w.host().unwrap()).unwrap();
     assert_eq!(st.fleetlock_held.as_ref(), Some(&held));
     assert!(st.wave_seed.is_some());
-    assert!(st.render().contains("FleetLock: holding a reboot slot in group workers"));
+    assert!(st
+        .render()
+        .contains("FleetLock: holding a reboot slot in group workers"));
 
     // The trial boot is still undecided: the slot stays held.
     w.boot().unwrap();
@@ -230,10 +232,29 @@ async fn fleet_lock_release_only_after_commit() {
         .unwrap();
     let outcome = daemon(&w).step().await.unwrap();
     assert!(
+        matches!(outcome, CycleOutcome::TrialPending { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(server.fleetlock().holders("workers"), vec![id.clone()]);
+
+    // The trial failed and rolled back: the slot stays held, the host reports a halt.
+    let store = StateStore::open(&w.state_dir).unwrap();
+    let trial = store.load().unwrap().phase;
+    store
+        .update(|s| {
+            s.phase = Phase::RolledBack {
+                reason: "health check failed".into(),
+                from_version: Some("1.1.0".into()),
+            }
+        })
+        .unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
         matches!(outcome, CycleOutcome::Halted { .. }),
         "{outcome:?}"
     );
     assert_eq!(server.fleetlock().holders("workers"), vec![id.clone()]);
+    store.update(|s| s.phase = trial).unwrap();
 
     // Committed: released, marker gone, and the host is up to date.
     update_agent::ops::commit::mark_good(&w.host().unwrap()).unwrap();

@@ -90,6 +90,9 @@ pub enum CycleOutcome {
     /// Holding a FleetLock slot after a boot that did not commit: the group's rollout is
     /// halted until an operator looks at this host.
     Halted { phase: String, version: String },
+    /// The booted slot is on its trial boot and the health check has not judged it yet:
+    /// nothing is installed (the other slot is the rollback target).
+    TrialPending { version: String },
     /// The reboot command ran.
     Rebooting { version: String },
 }
@@ -123,6 +126,9 @@ impl CycleOutcome {
             CycleOutcome::Halted { phase, version } => format!(
                 "holding the FleetLock slot taken for {version}: the boot did not commit \
                  (phase {phase}); rollout halted for this group until an operator releases it"
+            ),
+            CycleOutcome::TrialPending { version } => format!(
+                "{version} is on its trial boot; waiting for the health check before anything else"
             ),
             CycleOutcome::Rebooting { version } => format!("rebooting into {version}"),
         }
@@ -346,7 +352,9 @@ impl Daemon {
             self.live.fleetlock_held = true;
             match &state.phase {
                 Phase::Committed { .. } | Phase::Idle => self.release(&held).await?,
-                Phase::Staged { .. } => {}
+                // Not judged yet (staged: the reboot is still to come; trial: the health
+                // check has not run): keep the slot, decide below.
+                Phase::Staged { .. } | Phase::Trial { .. } => {}
                 other => {
                     return Ok(CycleOutcome::Halted {
                         phase: metrics::phase_name(other).to_string(),
@@ -357,8 +365,14 @@ impl Daemon {
         } else {
             self.live.fleetlock_held = false;
         }
-        if let Phase::Staged { version, .. } = &state.phase {
-            return self.reboot_step(version).await;
+        match &state.phase {
+            Phase::Staged { version, .. } => return self.reboot_step(version).await,
+            Phase::Trial { version, .. } => {
+                return Ok(CycleOutcome::TrialPending {
+                    version: version.clone(),
+                })
+            }
+            _ => {}
         }
 
         let now = OffsetDateTime::now_utc().unix_timestamp();
