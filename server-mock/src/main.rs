@@ -70,9 +70,17 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     drop(out);
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("server-mock: cannot handle SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let code = tokio::select! {
         () = handle.wait() => ExitCode::FAILURE,
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        _ = term.recv() => ExitCode::SUCCESS,
     };
     // The fleet as the agents last reported it, for whoever ran the rollout.
     let summary = handle.reports().summary();

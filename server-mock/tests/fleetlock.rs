@@ -229,3 +229,90 @@ async fn reports_are_summarised() {
     assert_eq!(s.failing[0].id, "h3");
     assert!(s.render().contains("failing: h3"), "{}", s.render());
 }
+
+#[tokio::test]
+async fn binary_flags_configure_slots_and_the_summary_prints_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_server-mock"))
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--fleetlock-slots", "2", "--fleetlock-group", "canary=1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    let c = client();
+    let post = |path: &str, body: serde_json::Value| {
+        c.post(format!("{base}/{path}"))
+            .header("fleet-lock-protocol", "true")
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).unwrap())
+            .send()
+    };
+    let lock =
+        |id: &str, group: &str| serde_json::json!({"client_params": {"id": id, "group": group}});
+    assert_eq!(
+        post("v1/pre-reboot", lock("a", "canary"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        post("v1/pre-reboot", lock("b", "canary"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        409
+    );
+    assert_eq!(
+        post("v1/pre-reboot", lock("b", "other"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        post("v1/pre-reboot", lock("c", "other"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        post("v1/pre-reboot", lock("d", "other"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        409
+    );
+    let r = serde_json::json!({"id": "a", "version": "1.1.0", "phase": "rolled_back", "last_error": "check failed"});
+    assert_eq!(post("v1/report", r).await.unwrap().status().as_u16(), 204);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(rest.contains("fleet: 1 host(s) reported"), "{rest}");
+    assert!(
+        rest.contains("failing: a (rolled_back): check failed"),
+        "{rest}"
+    );
+}
