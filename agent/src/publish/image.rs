@@ -95,6 +95,12 @@ pub fn prepare_image_level(
             Compression::Zstd => {
                 let mut enc = zstd::stream::write::Encoder::new(out, zstd_level)
                     .map_err(|e| bad(format!("zstd level {zstd_level}: {e}")))?;
+                // Agents refuse frames whose window exceeds 2^23 (their memory bound).
+                // Levels up to 19 stay within it; 20-22 would pick up to 2^27.
+                if zstd_level > 19 {
+                    enc.window_log(crate::install::DEFAULT_ZSTD_WINDOW_LOG_MAX)
+                        .map_err(|e| bad(format!("zstd window: {e}")))?;
+                }
                 loop {
                     let n = input.read(&mut buf).map_err(io_err("read", src))?;
                     if n == 0 {
@@ -186,6 +192,31 @@ mod tests {
         assert!(e.url.starts_with("root-") && e.url.ends_with(".img.zst"));
         // Only the image is left in the repository directory.
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    }
+
+    /// Level 22 on a large input would use a 2^27 window; the publisher caps it so every
+    /// agent (window cap 2^23) can decode what it publishes.
+    #[test]
+    fn ultra_levels_stay_within_the_agents_window_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("root.raw");
+        // 40 MiB of text with long-distance repeats: a large window would be worth it.
+        let block: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        let data: Vec<u8> = block.iter().copied().cycle().take(40 << 20).collect();
+        std::fs::write(&src, &data).unwrap();
+        let out = dir.path().join("repo");
+        std::fs::create_dir(&out).unwrap();
+        let e = prepare_image_level(&src, &out, "root", Compression::Zstd, 22).unwrap();
+        let stored = std::fs::read(out.join(&e.url)).unwrap();
+        let mut dec = zstd::stream::read::Decoder::new(&stored[..]).unwrap();
+        dec.window_log_max(crate::install::DEFAULT_ZSTD_WINDOW_LOG_MAX)
+            .unwrap();
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut dec, &mut back).unwrap();
+        assert_eq!(back.len(), data.len());
+        assert!(back == data);
     }
 
     #[test]
