@@ -327,14 +327,9 @@ impl Daemon {
         }
     }
 
-    /// Exponential backoff from the poll interval (at most 1 min as a base), capped, with
-    /// jitter so a fleet that failed together does not retry together.
     fn backoff(&self, failures: u32) -> Duration {
         let d = &self.host.config.daemon;
-        let base = d.poll_interval.get().min(Duration::from_secs(60));
-        let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-        let capped = exp.min(d.max_backoff.get());
-        capped / 2 + jitter(capped / 2)
+        backoff_delay(d.poll_interval.get(), d.max_backoff.get(), failures)
     }
 
     /// One cycle, then the metrics file and the status report.
@@ -569,6 +564,16 @@ fn test_hold(notifier: &Notifier, phase: &str) {
     std::process::exit(0);
 }
 
+/// Exponential backoff after `failures` consecutive failures: from the poll interval (at most
+/// 1 min as a base), doubling, capped at `max`; the result is uniformly random in the upper
+/// half of that, so a fleet that failed together does not retry together.
+pub fn backoff_delay(poll: Duration, max: Duration, failures: u32) -> Duration {
+    let base = poll.min(Duration::from_secs(60));
+    let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    capped / 2 + jitter(capped / 2)
+}
+
 /// A uniformly random duration in `[0, max]`.
 fn jitter(max: Duration) -> Duration {
     use ring::rand::SecureRandom;
@@ -578,4 +583,27 @@ fn jitter(max: Duration) -> Duration {
     }
     let frac = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
     max.mul_f64(frac)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let s = Duration::from_secs;
+        for (failures, lo, hi) in [(1, 30, 60), (2, 60, 120), (3, 120, 240), (10, 1800, 3600)] {
+            let d = backoff_delay(s(1800), s(3600), failures);
+            assert!(d >= s(lo) && d <= s(hi), "{failures}: {d:?}");
+        }
+        // Short poll intervals back off from themselves; huge failure counts do not overflow.
+        let d = backoff_delay(Duration::from_millis(200), s(10), 1);
+        assert!(d <= Duration::from_millis(200));
+        assert!(backoff_delay(s(60), s(21600), u32::MAX) <= s(21600));
+        // Jitter spreads retries.
+        let samples: std::collections::BTreeSet<_> =
+            (0..20).map(|_| backoff_delay(s(60), s(3600), 3)).collect();
+        assert!(samples.len() > 1);
+    }
 }

@@ -295,3 +295,69 @@ pub fn write(path: &Path, text: &str) -> Result<(), FleetError> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::state::{HistoryEntry, State};
+
+    #[test]
+    fn renders_every_family_with_help_type_and_escaped_labels() {
+        let mut c = Counters {
+            checks_total: 3,
+            last_check_unix: Some(1_700_000_000),
+            downloaded_bytes_total: 4096,
+            ..Counters::default()
+        };
+        c.failures_by_kind.insert("fetch_\"odd\"\nkind".into(), 2);
+        let mut state = State {
+            phase: Phase::RolledBack {
+                reason: "x".into(),
+                from_version: None,
+            },
+            ..State::default()
+        };
+        state.record(HistoryEntry::now(HistoryEvent::RolledBack));
+        let live = Live {
+            wave_seed: Some(17),
+            fleetlock_held: true,
+            running_version: Some("1.0.0".into()),
+            ..Live::default()
+        };
+        let text = render(&c, &state, &live);
+        for line in [
+            "update_agent_checks_total 3",
+            "update_agent_last_check_timestamp_seconds 1700000000",
+            "update_agent_downloaded_bytes_total 4096",
+            "update_agent_phase{phase=\"rolled_back\"} 1",
+            "update_agent_phase{phase=\"idle\"} 0",
+            "update_agent_rollbacks_total 1",
+            "update_agent_failures_total{kind=\"fetch_\\\"odd\\\"\\nkind\"} 2",
+            "update_agent_running_version_info{version=\"1.0.0\"} 1",
+            "update_agent_wave_seed 17",
+            "update_agent_fleetlock_held 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // Every sample line belongs to a family announced with HELP and TYPE.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap();
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name}");
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+        }
+    }
+
+    #[test]
+    fn counters_survive_a_restart_and_a_corrupt_file_starts_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Counters {
+            installs_total: 2,
+            ..Counters::default()
+        };
+        c.save(dir.path()).unwrap();
+        assert_eq!(Counters::load(dir.path()), c);
+        std::fs::write(dir.path().join(COUNTERS_FILE), "{not json").unwrap();
+        assert_eq!(Counters::load(dir.path()), Counters::default());
+    }
+}
