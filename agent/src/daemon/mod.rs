@@ -39,6 +39,8 @@ use crate::ops::apply::{apply, ApplyOptions};
 use crate::state::Phase;
 use notify::Notifier;
 
+/// How long to wait for a requested reboot to stop us before asking again.
+const REBOOT_PATIENCE: Duration = Duration::from_secs(10 * 60);
 /// Timeout of one FleetLock or report request.
 const FLEET_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Environment variable for crash tests only: block the install at this progress phase
@@ -280,8 +282,13 @@ impl Daemon {
                         return ExitCode::SUCCESS;
                     }
                     if let CycleOutcome::Rebooting { .. } = outcome {
-                        // The service manager stops us as the system goes down.
-                        std::future::pending::<()>().await;
+                        // The service manager stops us as the system goes down. If nothing
+                        // happens for long (a reboot inhibited or cancelled), the next cycle
+                        // finds the slot still staged and asks again.
+                        let wait = REBOOT_PATIENCE.max(self.poll_wait());
+                        tokio::time::sleep(wait).await;
+                        warn!(?wait, "the reboot did not happen; trying again");
+                        continue;
                     }
                     self.wait_after(outcome)
                 }
