@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::config::{Config, RebootStrategy};
 use crate::error::AgentError;
@@ -222,6 +222,8 @@ pub struct Daemon {
     counters: Counters,
     live: Live,
     http: reqwest::Client,
+    /// Cycles run so far (for the log span).
+    cycles: u64,
     /// [`TEST_HOLD_ENV`]: progress phase and minimum percentage.
     hold_at: Option<(String, u64)>,
 }
@@ -256,6 +258,7 @@ impl Daemon {
             counters,
             live,
             http,
+            cycles: 0,
             hold_at: std::env::var(TEST_HOLD_ENV)
                 .ok()
                 .map(|v| match v.split_once(':') {
@@ -341,9 +344,15 @@ impl Daemon {
 
     /// One cycle, then the metrics file and the status report.
     pub async fn step(&mut self) -> Result<CycleOutcome, DaemonError> {
-        let result = self.cycle().await;
-        self.after_cycle(&result).await;
-        result
+        self.cycles += 1;
+        let span = tracing::info_span!("cycle", n = self.cycles, node = ?self.node_id);
+        async {
+            let result = self.cycle().await;
+            self.after_cycle(&result).await;
+            result
+        }
+        .instrument(span)
+        .await
     }
 
     /// One cycle: release, reboot decision, check, install (see the module docs).
