@@ -302,8 +302,9 @@ async fn binary_flags_configure_slots_and_the_summary_prints_on_sigterm() {
     );
     let r = serde_json::json!({"id": "a", "version": "1.1.0", "phase": "rolled_back", "last_error": "check failed"});
     assert_eq!(post("v1/report", r).await.unwrap().status().as_u16(), 204);
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's builtin kill: no procps needed.
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .unwrap();
     assert!(status.success());
