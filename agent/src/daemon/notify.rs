@@ -24,7 +24,20 @@ impl Notifier {
     /// From `NOTIFY_SOCKET` and `WATCHDOG_USEC` (honoured only when `WATCHDOG_PID` is unset
     /// or names this process, as sd_watchdog_enabled does).
     pub fn from_env() -> Notifier {
-        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|v| {
+        Notifier::from_vars(
+            std::env::var_os("NOTIFY_SOCKET"),
+            std::env::var("WATCHDOG_USEC").ok(),
+            std::env::var("WATCHDOG_PID").ok(),
+        )
+    }
+
+    /// From the variables' values (`None`: unset).
+    pub fn from_vars(
+        notify_socket: Option<std::ffi::OsString>,
+        watchdog_usec: Option<String>,
+        watchdog_pid: Option<String>,
+    ) -> Notifier {
+        let target = notify_socket.and_then(|v| {
             let bytes = v.as_encoded_bytes();
             match bytes.first() {
                 Some(b'@') => Some(Target::Abstract(bytes[1..].to_vec())),
@@ -42,11 +55,8 @@ impl Notifier {
                 None
             }
         });
-        let pid_ok = std::env::var("WATCHDOG_PID")
-            .ok()
-            .is_none_or(|p| p.trim() == std::process::id().to_string());
-        let watchdog = std::env::var("WATCHDOG_USEC")
-            .ok()
+        let pid_ok = watchdog_pid.is_none_or(|p| p.trim() == std::process::id().to_string());
+        let watchdog = watchdog_usec
             .and_then(|v| v.trim().parse::<u64>().ok())
             .filter(|us| *us > 0 && pid_ok)
             .map(Duration::from_micros);
@@ -91,5 +101,46 @@ impl Notifier {
 
     pub fn stopping(&self, line: &str) {
         self.send(&format!("STOPPING=1\nSTATUS={}", line.replace('\n', " ")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn watchdog_only_for_this_pid_and_a_positive_timeout() {
+        let me = std::process::id().to_string();
+        let wd = |usec: Option<&str>, pid: Option<&str>| {
+            Notifier::from_vars(None, usec.map(String::from), pid.map(String::from))
+                .watchdog_interval()
+        };
+        assert_eq!(wd(Some("2000000"), None), Some(Duration::from_secs(1)));
+        assert_eq!(wd(Some("2000000"), Some(&me)), Some(Duration::from_secs(1)));
+        assert_eq!(
+            wd(Some("2000000"), Some("1")),
+            None,
+            "another process's watchdog"
+        );
+        assert_eq!(wd(Some("0"), None), None);
+        assert_eq!(wd(Some("soon"), None), None);
+        assert_eq!(wd(None, None), None);
+    }
+
+    #[test]
+    fn path_socket_receives_and_bad_names_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::from_vars(Some(path.clone().into_os_string()), None, None);
+        n.ready("multi\nline");
+        let mut buf = [0u8; 256];
+        let len = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"READY=1\nSTATUS=multi line");
+        // Relative names are neither paths nor abstract: nothing is sent, nothing fails.
+        let n = Notifier::from_vars(Some("relative.sock".into()), None, None);
+        n.status("x");
+        assert!(n.socket.is_none());
     }
 }
