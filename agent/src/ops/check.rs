@@ -14,9 +14,6 @@ use crate::ops::apply::fetch_config;
 use crate::ops::manifest::{fetch_and_verify, locate};
 use crate::policy::{admit, HostFacts};
 
-/// Where the wave seed comes from when nothing overrides it.
-pub const MACHINE_ID: &str = "/etc/machine-id";
-
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
     pub version: String,
@@ -80,13 +77,6 @@ fn fmt_time(unix: i64) -> String {
                 .ok()
         })
         .unwrap_or_else(|| unix.to_string())
-}
-
-/// This host's rollout seed from its machine id.
-pub fn wave_seed() -> Option<WaveSeed> {
-    let id = std::fs::read_to_string(MACHINE_ID).ok()?;
-    let id = id.trim();
-    (!id.is_empty()).then(|| WaveSeed::from_machine_id(id.as_bytes()))
 }
 
 pub async fn check(
