@@ -112,3 +112,14 @@ impl Host {
             })
     }
 }
+
+/// The async runtime every command that touches the network runs on.
+pub fn runtime() -> Result<tokio::runtime::Runtime, AgentError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Io {
+            what: "starting the async runtime".into(),
+            source,
+        })
+}

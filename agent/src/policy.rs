@@ -50,6 +50,19 @@ pub struct HostFacts<'a> {
     pub allow_denylisted: bool,
 }
 
+/// The denylist as versions with their reasons; entries that are not semver (written by hand
+/// or by a newer agent) cannot match an offered version and are skipped.
+pub fn denylist_versions(entries: &[crate::state::DenyEntry]) -> Vec<(Version, String)> {
+    entries
+        .iter()
+        .filter_map(|d| {
+            Version::parse(&d.version)
+                .ok()
+                .map(|v| (v, d.reason.clone()))
+        })
+        .collect()
+}
+
 /// Decides whether `offered` (with its optional `min_running` requirement) may be installed.
 pub fn admit(
     offered: &Version,

@@ -139,13 +139,7 @@ impl CycleOutcome {
 
 /// Run the daemon on its own runtime until SIGTERM/SIGINT (or after one cycle with `once`).
 pub fn run(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| AgentError::Io {
-            what: "starting the async runtime".into(),
-            source,
-        })?;
+    let rt = crate::host::runtime()?;
     let result = rt.block_on(run_async(config, opts));
     // A blocking step of an interrupted install gets a moment to finish; the process exits
     // after that whatever it is doing (every on-disk step is crash-safe).

@@ -20,7 +20,7 @@ use crate::install::{
 };
 use crate::ops::manifest::{fetch_and_verify, image_location, locate};
 use crate::ops::resume::ResumeFile;
-use crate::policy::{admit, HostFacts, PolicyError};
+use crate::policy::{admit, denylist_versions, HostFacts, PolicyError};
 use crate::state::{HistoryEntry, HistoryEvent, Phase, SlotRecord, State, StateStore};
 
 /// What the operator asked for.
@@ -273,15 +273,7 @@ async fn install_verified(
         }
     }
 
-    let denylist: Vec<(Version, String)> = state
-        .denylist
-        .iter()
-        .filter_map(|d| {
-            Version::parse(&d.version)
-                .ok()
-                .map(|v| (v, d.reason.clone()))
-        })
-        .collect();
+    let denylist = denylist_versions(&state.denylist);
     let running = running_version(&state, booted);
     let facts = HostFacts {
         running: running.as_ref(),

@@ -12,7 +12,7 @@ use crate::fetch::build_client;
 use crate::host::Host;
 use crate::ops::apply::fetch_config;
 use crate::ops::manifest::{fetch_and_verify, locate};
-use crate::policy::{admit, HostFacts};
+use crate::policy::{admit, denylist_versions, HostFacts};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
@@ -99,15 +99,7 @@ pub async fn check(
     let running = booted
         .and_then(|b| state.slots.get(&b))
         .and_then(|r| Version::parse(&r.version).ok());
-    let denylist: Vec<(Version, String)> = state
-        .denylist
-        .iter()
-        .filter_map(|d| {
-            Version::parse(&d.version)
-                .ok()
-                .map(|v| (v, d.reason.clone()))
-        })
-        .collect();
+    let denylist = denylist_versions(&state.denylist);
     let refused = admit(
         &m.version,
         m.min_running_version.as_ref(),
