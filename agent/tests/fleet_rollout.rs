@@ -9,6 +9,8 @@
 //! 2. A host whose health check fails rolls back, keeps its slot, and the hosts waiting for
 //!    that slot stay staged without rebooting; once an operator frees the slot the rollout
 //!    resumes and completes.
+//! 3. 100 hosts, 3 slots, one failing host: it keeps its slot for good, the other 99 roll
+//!    through the 2 slots left, never more than 3 holders, no host rebooted more than needed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -444,4 +446,74 @@ async fn failed_host_keeps_its_slot_and_halts_the_group() {
         assert_on_new_release(h, &release);
     }
     assert_eq!(fl.max_holders("fleet"), 1);
+}
+
+/// The acceptance run as stated: 100 hosts, a FleetLock group of 3 slots, one host whose
+/// health check fails. It rolls back and keeps its slot for good; the other 99 roll through
+/// the 2 slots left, never more than 3 holders at once, and every reboot happened under a
+/// slot (the server granted each host's pre-reboot exactly once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_hosts_three_slots_one_fails_and_keeps_its_slot() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let bad_index = 17;
+    let (mut publisher, hosts) = fleet(tmp.path(), "fail-run", 100, Some(bad_index)).await;
+    publisher
+        .server
+        .fleetlock()
+        .configure(server_mock::FleetLockSettings {
+            default_slots: 3,
+            groups: Default::default(),
+            ttl_ms: None,
+        });
+    let release = publisher.publish(NEW, Vec::new()).unwrap();
+    let sem = Arc::new(Semaphore::new(PARALLEL));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let tasks: Vec<_> = hosts
+        .iter()
+        .map(|h| tokio::spawn(drive(h.clone(), sem.clone(), deadline)))
+        .collect();
+    let mut ends = Vec::new();
+    for t in tasks {
+        ends.push(t.await.unwrap().unwrap());
+    }
+    let bad = &hosts[bad_index];
+    for (i, (h, end)) in hosts.iter().zip(&ends).enumerate() {
+        if i == bad_index {
+            assert_eq!(*end, End::Halted, "{}", h.id);
+        } else {
+            assert_eq!(*end, End::Done, "{}", h.id);
+            assert_on_new_release(h, &release);
+        }
+    }
+
+    let s = bad.state();
+    assert!(matches!(s.phase, Phase::RolledBack { .. }), "{:?}", s.phase);
+    assert!(s.is_denied(NEW));
+    assert!(bad.holds_marker(), "the failed host keeps its slot");
+    assert!(std::fs::read_to_string(&bad.world.cmdline)
+        .unwrap()
+        .contains("rauc.slot=A"));
+
+    let fl = publisher.server.fleetlock();
+    assert_eq!(fl.holders("fleet"), vec![bad.id.clone()]);
+    let events = fl.events();
+    assert!(events.iter().all(|e| e.holders <= 3), "more than 3 holders");
+    assert!(fl.max_holders("fleet") <= 3);
+    for h in hosts.iter() {
+        let granted: Vec<_> = events
+            .iter()
+            .filter(|e| e.id == h.id && e.op == "pre-reboot" && e.status == 200)
+            .collect();
+        assert!(
+            !granted.is_empty(),
+            "{} rebooted without taking a slot",
+            h.id
+        );
+        // The first boot in the factory, one into the new release, and for the bad host one
+        // more back into the old slot: no host rebooted more than that.
+        let boots = h.boots.load(std::sync::atomic::Ordering::SeqCst);
+        let expected = if h.id == bad.id { 3 } else { 2 };
+        assert_eq!(boots, expected, "{} booted {boots} times", h.id);
+    }
 }
