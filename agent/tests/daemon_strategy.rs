@@ -313,3 +313,56 @@ fn daemon_keys_are_validated() {
         c
     );
 }
+
+/// After a rollback the daemon does not install the denylisted release again, however often
+/// it polls, and says why; a newer release is installed as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_never_reinstalls_a_release_it_rolled_back_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world(dir.path()).await;
+    w.set_config("reboot", "strategy", "immediate").unwrap();
+    w.publish("1.1.0", Vec::new()).unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::Rebooting { .. }),
+        "{outcome:?}"
+    );
+    std::fs::remove_file(dir.path().join("reboot-requested")).unwrap();
+    assert_eq!(w.boot().unwrap(), Some(update_agent::boot::SlotId::B));
+    w.add_check(true, "app", "echo app is down; exit 1")
+        .unwrap();
+    w.health_check().unwrap();
+    // The failed health check asked for the reboot back into slot A.
+    std::fs::remove_file(dir.path().join("reboot-requested")).unwrap();
+    assert_eq!(w.boot().unwrap(), Some(update_agent::boot::SlotId::A));
+    w.health_check().unwrap();
+
+    for _ in 0..3 {
+        let outcome = daemon(&w).step().await.unwrap();
+        match &outcome {
+            CycleOutcome::UpToDate { reason } => {
+                assert!(reason.contains("denylist"), "{reason}")
+            }
+            other => panic!("the daemon acted on a denylisted release: {other:?}"),
+        }
+        assert!(!rebooted(&w));
+    }
+    let st = StateStore::open(&w.state_dir).unwrap().load().unwrap();
+    let installs = st
+        .history
+        .iter()
+        .filter(|e| {
+            e.event == update_agent::state::HistoryEvent::InstallStarted
+                && e.version.as_deref() == Some("1.1.0")
+        })
+        .count();
+    assert_eq!(installs, 1, "1.1.0 was installed again");
+
+    // A fixed release is not on the denylist.
+    w.publish("1.1.1", Vec::new()).unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::Rebooting { .. }),
+        "{outcome:?}"
+    );
+}
