@@ -159,16 +159,6 @@ fn load_config(path: Option<PathBuf>) -> Result<crate::config::Config, crate::er
     Ok(crate::config::Config::load(&sources)?)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, crate::error::AgentError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| crate::error::AgentError::Io {
-            what: "starting the async runtime".into(),
-            source,
-        })
-}
-
 /// Runs one command and prints its result.
 pub fn run(
     cli: Cli,
@@ -189,7 +179,7 @@ pub fn run(
         }
         Command::Check(args) => {
             let host = Host::open(load_config(cli.config)?)?;
-            let report = runtime()?.block_on(ops::check::check(
+            let report = crate::host::runtime()?.block_on(ops::check::check(
                 &host,
                 args.manifest.as_deref(),
                 args.allow_downgrade,
@@ -207,7 +197,8 @@ pub fn run(
             };
             let mut bar = progress::Progress::new(out.progress_json);
             let result =
-                runtime()?.block_on(ops::apply::apply(&host, &opts, &mut |ev| bar.event(ev)));
+                crate::host::runtime()?
+                    .block_on(ops::apply::apply(&host, &opts, &mut |ev| bar.event(ev)));
             bar.finish();
             let report = result?;
             out.emit(&report, || report.render());

@@ -58,13 +58,7 @@ pub fn run(args: &DemoArgs, out: Output) -> Result<ExitCode, AgentError> {
             (Some(t), p)
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| AgentError::Io {
-            what: "starting the async runtime".into(),
-            source,
-        })?;
+    let rt = crate::host::runtime()?;
     rt.block_on(demo(&dir, preset, backend, out))
 }
 
