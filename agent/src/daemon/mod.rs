@@ -523,10 +523,14 @@ impl Daemon {
                 .or_insert(0) += 1;
         }
         let dir = self.host.state.dir().to_path_buf();
+        let state = self.host.state.load();
+        if let Ok(state) = &state {
+            self.counters.count_rollbacks(state);
+        }
         if let Err(e) = self.counters.save(&dir) {
             warn!(error = %e, "could not save the metrics counters");
         }
-        let state = match self.host.state.load() {
+        let state = match state {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "could not read the state for metrics");

@@ -33,6 +33,10 @@ pub struct Counters {
     pub last_install_seconds: Option<f64>,
     /// Failed daemon cycles by error kind.
     pub failures_by_kind: BTreeMap<String, u64>,
+    /// Rollbacks counted so far, and the time of the newest one counted: the history is
+    /// trimmed to its last entries, so a counter read from it could go down.
+    pub rollbacks_total: u64,
+    pub last_rollback_counted: Option<i64>,
 }
 
 impl Counters {
@@ -92,6 +96,26 @@ pub const PHASES: [&str; 8] = [
 ];
 
 /// The state record's phase name as used in metrics and reports.
+impl Counters {
+    /// Counts the rollbacks the history gained since the last call (the health check records
+    /// them, possibly in another process and boot).
+    pub fn count_rollbacks(&mut self, state: &State) {
+        let mut newest = self.last_rollback_counted;
+        for h in state
+            .history
+            .iter()
+            .filter(|h| h.event == HistoryEvent::RolledBack)
+        {
+            let at = h.at.unix_timestamp_nanos() as i64;
+            if self.last_rollback_counted.is_none_or(|seen| at > seen) {
+                self.rollbacks_total += 1;
+                newest = newest.max(Some(at));
+            }
+        }
+        self.last_rollback_counted = newest;
+    }
+}
+
 pub fn phase_name(p: &Phase) -> &'static str {
     match p {
         Phase::Idle => "idle",
@@ -238,17 +262,12 @@ pub fn render(c: &Counters, state: &State, live: &Live) -> String {
         "Failed daemon cycles by error kind.",
         &failures,
     );
-    let rollbacks = state
-        .history
-        .iter()
-        .filter(|h| h.event == HistoryEvent::RolledBack)
-        .count();
     metric(
         &mut out,
         "update_agent_rollbacks_total",
         "counter",
-        "Rollbacks in the retained history.",
-        &one(rollbacks as f64),
+        "Rollbacks (failed trial boots and fallbacks) this host has recorded.",
+        &one(c.rollbacks_total as f64),
     );
     metric(
         &mut out,
@@ -302,6 +321,38 @@ mod tests {
     use super::*;
     use crate::state::{HistoryEntry, State};
 
+    /// The rollback counter never goes down, though the history it counts from is trimmed,
+    /// and counts each rollback once however often it is updated.
+    #[test]
+    fn rollbacks_total_is_monotonic_across_history_trimming() {
+        let mut c = Counters::default();
+        let mut state = State::default();
+        state.record(HistoryEntry::now(HistoryEvent::RolledBack));
+        c.count_rollbacks(&state);
+        c.count_rollbacks(&state);
+        assert_eq!(c.rollbacks_total, 1);
+        // The history fills up with other events until the rollback is trimmed away.
+        for _ in 0..crate::state::HISTORY_LIMIT {
+            state.record(HistoryEntry::now(HistoryEvent::Committed));
+        }
+        assert!(state
+            .history
+            .iter()
+            .all(|h| h.event != HistoryEvent::RolledBack));
+        c.count_rollbacks(&state);
+        assert_eq!(c.rollbacks_total, 1);
+        let mut later = HistoryEntry::now(HistoryEvent::RolledBack);
+        later.at += time::Duration::seconds(1);
+        state.record(later);
+        c.count_rollbacks(&state);
+        assert_eq!(c.rollbacks_total, 2);
+        let text = render(&c, &state, &Live::default());
+        assert!(
+            text.lines().any(|l| l == "update_agent_rollbacks_total 2"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn renders_every_family_with_help_type_and_escaped_labels() {
         let mut c = Counters {
@@ -319,6 +370,7 @@ mod tests {
             ..State::default()
         };
         state.record(HistoryEntry::now(HistoryEvent::RolledBack));
+        c.count_rollbacks(&state);
         let live = Live {
             wave_seed: Some(17),
             fleetlock_held: true,
