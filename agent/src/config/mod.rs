@@ -311,6 +311,10 @@ pub struct HealthConfig {
     pub check_timeout: HumanDuration,
     /// All checks together; past it the boot is judged failed.
     pub total_timeout: HumanDuration,
+    /// After a failed trial boot, run `[reboot] command` to boot the previous slot.
+    pub reboot_on_failure: bool,
+    /// Declared checks (`[[health.checks]]`): a systemd unit, an HTTP URL or a TCP port.
+    pub checks: Vec<crate::health::CheckSpec>,
 }
 
 impl Default for HealthConfig {
@@ -320,6 +324,8 @@ impl Default for HealthConfig {
             wanted_dir: PathBuf::from("/etc/update-agent/health/wanted.d"),
             check_timeout: HumanDuration::secs(60),
             total_timeout: HumanDuration::secs(300),
+            reboot_on_failure: true,
+            checks: Vec::new(),
         }
     }
 }
@@ -562,6 +568,11 @@ impl Config {
             if d.get().is_zero() {
                 return Err(invalid(key, "must be more than 0s"));
             }
+        }
+        for (i, check) in self.health.checks.iter().enumerate() {
+            check
+                .validate()
+                .map_err(|m| invalid(&format!("health.checks[{i}]"), m))?;
         }
         if self.install.max_attempts == 0 {
             return Err(invalid("install.max_attempts", "must be at least 1"));

@@ -172,8 +172,8 @@ impl HealthSettings {
             wanted_dir: h.wanted_dir.clone(),
             check_timeout: h.check_timeout.get(),
             total_timeout: h.total_timeout.get(),
-            reboot_on_failure: true,
-            checks: Vec::new(),
+            reboot_on_failure: h.reboot_on_failure,
+            checks: h.checks.clone(),
         }
     }
 }
