@@ -5,6 +5,7 @@ use crate::boot::BootError;
 use crate::config::ConfigError;
 use crate::disk::{DiskError, SlotError};
 use crate::fetch::FetchError;
+use crate::health::HealthError;
 use crate::install::InstallError;
 use crate::policy::PolicyError;
 use crate::state::StateError;
@@ -28,6 +29,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Health(#[from] HealthError),
     #[error(transparent)]
     Policy(Box<PolicyError>),
     #[error(transparent)]
@@ -55,6 +58,7 @@ impl AgentError {
             AgentError::Boot(e) => e.kind(),
             AgentError::Verify { error, .. } => error.kind(),
             AgentError::Fetch(e) => e.kind(),
+            AgentError::Health(e) => e.kind(),
             AgentError::Policy(e) => e.kind(),
             // A download failure is reported by its cause (timeout, http_status, truncated,
             // slow_retrieval...), which is what metrics and operators need.

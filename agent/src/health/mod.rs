@@ -177,17 +177,3 @@ impl HealthSettings {
         }
     }
 }
-
-/// Until `AgentError` grows a `Health` variant (the lead's file), I/O errors keep their
-/// `io` kind and the rest are refusals carrying the full message.
-impl From<HealthError> for crate::error::AgentError {
-    fn from(e: HealthError) -> Self {
-        match e {
-            HealthError::Io { path, source } => crate::error::AgentError::Io {
-                what: path.display().to_string(),
-                source,
-            },
-            other => crate::error::AgentError::Refused(format!("[{}] {other}", other.kind())),
-        }
-    }
-}
