@@ -85,7 +85,9 @@ impl SigningKey {
     }
 
     /// A key from a fixed 32-byte seed, for tests and fuzzing only: real keys come from
-    /// `update-publish keygen` and the system's random source.
+    /// `update-publish keygen` and the system's random source. Not part of the shipped API:
+    /// only with the `test-support` feature (or in this crate's unit tests).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn from_seed_for_tests(seed: &[u8; 32]) -> Self {
         // ring only fails here for a seed of the wrong length, which the type rules out.
         #[allow(clippy::expect_used)]

@@ -1,4 +1,5 @@
-//! The manifest, schema version 1: what the publisher signs and the agent installs.
+//! The manifest, schema versions 1 and 2 (2 adds chunk indexes): what the publisher signs
+//! and the agent installs.
 //!
 //! Unknown fields are rejected (`deny_unknown_fields`): a misspelt security field (say
 //! `min_running_versoin`) must not be silently ignored. Additions that old agents must not
@@ -11,8 +12,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::rollout::{Wave, SEED_SPACE};
 
-/// The only schema version this crate understands.
+/// The base schema version: full images only. v1 manifests are read exactly as before.
 pub const SCHEMA_VERSION: u32 = 1;
+/// Schema version 2: v1 plus an optional `chunk_index` per image entry (delta updates, see
+/// `docs/delta.md`). Agents that only read v1 refuse it as an unsupported version.
+pub const SCHEMA_VERSION_CHUNKED: u32 = 2;
+
+/// Whether this crate reads manifests of schema version `v`.
+pub fn is_supported_schema_version(v: u64) -> bool {
+    v == u64::from(SCHEMA_VERSION) || v == u64::from(SCHEMA_VERSION_CHUNKED)
+}
 /// Upper bound on the number of image entries (one per partition role of a slot).
 pub const MAX_IMAGES: usize = 16;
 /// Upper bound on the number of rollout waves.
@@ -67,6 +76,22 @@ pub struct ImageEntry {
     pub compressed_size: u64,
     /// Lower-case hex SHA-256 of the file at `url`, so bad bytes are caught before decoding.
     pub compressed_sha256: String,
+    /// Schema version 2 only: the chunk index of the file at `url` (a zstd stream of one
+    /// frame per content-defined chunk), for delta installs. Absent in v1 manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_index: Option<ChunkIndexRef>,
+}
+
+/// Where the chunk index of a chunked image is, and its signed size and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkIndexRef {
+    /// Location of the index file, relative to the manifest's URL.
+    pub url: String,
+    /// Size in bytes of the index file.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the index file.
+    pub sha256: String,
 }
 
 /// Encoding of an image file.
@@ -218,10 +243,13 @@ fn check_relative_url(field: &str, url: &str) -> Result<(), SchemaError> {
 impl Manifest {
     /// Check every rule that serde's types cannot express. Field names in errors are JSON paths.
     pub fn validate(&self) -> Result<(), SchemaError> {
-        if self.schema_version != SCHEMA_VERSION {
+        if !is_supported_schema_version(u64::from(self.schema_version)) {
             return Err(schema_err(
                 "schema_version",
-                format!("must be {SCHEMA_VERSION}, got {}", self.schema_version),
+                format!(
+                    "must be {SCHEMA_VERSION} or {SCHEMA_VERSION_CHUNKED}, got {}",
+                    self.schema_version
+                ),
             ));
         }
         check_name("product", &self.product, 64)?;
@@ -300,6 +328,12 @@ impl Manifest {
         let mut roles = BTreeSet::new();
         for (i, image) in self.images.iter().enumerate() {
             image.validate_at(&format!("images[{i}]"))?;
+            if image.chunk_index.is_some() && self.schema_version < SCHEMA_VERSION_CHUNKED {
+                return Err(schema_err(
+                    format!("images[{i}].chunk_index"),
+                    format!("needs schema_version {SCHEMA_VERSION_CHUNKED}"),
+                ));
+            }
             if !roles.insert(image.role.as_str()) {
                 return Err(schema_err(
                     format!("images[{i}].role"),
@@ -381,6 +415,28 @@ impl ImageEntry {
         }
         check_sha256_hex(&join(at, "sha256"), &self.sha256)?;
         check_sha256_hex(&join(at, "compressed_sha256"), &self.compressed_sha256)?;
+        if let Some(ix) = &self.chunk_index {
+            let at = join(at, "chunk_index");
+            check_relative_url(&join(&at, "url"), &ix.url)?;
+            check_sha256_hex(&join(&at, "sha256"), &ix.sha256)?;
+            let bound = crate::chunk_index::max_index_len(self.size);
+            if ix.size < crate::chunk_index::HEADER_LEN as u64 || ix.size > bound {
+                return Err(schema_err(
+                    join(&at, "size"),
+                    format!(
+                        "must be {} to {bound} bytes for an image of {} bytes",
+                        crate::chunk_index::HEADER_LEN,
+                        self.size
+                    ),
+                ));
+            }
+            if self.compression != Compression::Zstd {
+                return Err(schema_err(
+                    at.clone(),
+                    "a chunked image must have compression \"zstd\"",
+                ));
+            }
+        }
         if self.compression == Compression::None {
             if self.compressed_size != self.size {
                 return Err(schema_err(
@@ -413,6 +469,7 @@ mod tests {
             compression: Compression::Zstd,
             compressed_size: 100,
             compressed_sha256: "b".repeat(64),
+            chunk_index: None,
         }
     }
 
@@ -556,6 +613,36 @@ mod tests {
         let err = ImageEntry::parse_entries(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert_eq!(err.field, "[1].size");
         assert!(ImageEntry::parse_entries(b"nope").is_err());
+    }
+
+    #[test]
+    fn chunk_index_needs_schema_2_and_a_sane_size() {
+        let mut m = manifest();
+        m.images[0].chunk_index = Some(ChunkIndexRef {
+            url: "images/root.idx".into(),
+            size: 48 + 56,
+            sha256: "c".repeat(64),
+        });
+        assert_eq!(field_of(&m), "images[0].chunk_index");
+        m.schema_version = SCHEMA_VERSION_CHUNKED;
+        m.validate().unwrap();
+        let back: Manifest = serde_json::from_slice(&m.to_payload()).unwrap();
+        assert_eq!(back, m);
+        // v1 payloads are unchanged: no `chunk_index` key when absent.
+        let v1 = manifest();
+        assert!(!String::from_utf8(v1.to_payload())
+            .unwrap()
+            .contains("chunk_index"));
+        let mut big = m.clone();
+        big.images[0].chunk_index.as_mut().unwrap().size = 1 << 30;
+        assert_eq!(field_of(&big), "images[0].chunk_index.size");
+        let mut raw = m.clone();
+        raw.images[0].compression = Compression::None;
+        raw.images[0].compressed_size = raw.images[0].size;
+        raw.images[0].compressed_sha256 = raw.images[0].sha256.clone();
+        assert_eq!(field_of(&raw), "images[0].chunk_index");
+        m.schema_version = 3;
+        assert_eq!(field_of(&m), "schema_version");
     }
 
     #[test]

@@ -12,8 +12,9 @@ use ring::digest;
 use ring::signature::{UnparsedPublicKey, ED25519};
 use serde::Deserialize;
 
+use crate::digest::Sha256;
 use crate::envelope::{key_id, pae, Envelope, MANIFEST_PAYLOAD_TYPE};
-use crate::manifest::{Manifest, SCHEMA_VERSION};
+use crate::manifest::{ImageEntry, Manifest, SCHEMA_VERSION};
 
 /// Largest envelope [`verify`] accepts, and the download bound the agent uses for manifests.
 pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
@@ -187,7 +188,49 @@ impl VerifyContext {
 pub struct VerifiedManifest {
     manifest: Manifest,
     signers: Vec<String>,
+    ignored: Vec<IgnoredSignature>,
+    /// Parsed digests of `manifest.images`, index for index.
+    digests: Vec<ImageDigests>,
     payload_sha256: [u8; 32],
+}
+
+/// An image's digests, parsed once at verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageDigests {
+    /// Of the decompressed image.
+    pub sha256: Sha256,
+    /// Of the file at the image's URL.
+    pub compressed_sha256: Sha256,
+    /// Of the chunk index, for a chunked (schema v2) entry.
+    pub chunk_index_sha256: Option<Sha256>,
+}
+
+/// A signature that did not count towards the threshold of a manifest that verified anyway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoredSignature {
+    /// The key id the signature claimed (clipped: attacker-chosen).
+    pub key_id: String,
+    /// Why it did not count.
+    pub reason: IgnoredReason,
+}
+
+/// Why a signature did not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoredReason {
+    /// The key id names a trusted key, but the signature does not verify with it.
+    Invalid,
+    /// The key id names no trusted key.
+    UntrustedKey,
+}
+
+impl IgnoredReason {
+    /// Stable machine-readable name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IgnoredReason::Invalid => "invalid",
+            IgnoredReason::UntrustedKey => "untrusted_key",
+        }
+    }
 }
 
 impl VerifiedManifest {
@@ -199,6 +242,17 @@ impl VerifiedManifest {
     /// Key ids of the distinct trusted keys whose signatures verified, sorted.
     pub fn signers(&self) -> &[String] {
         &self.signers
+    }
+
+    /// Signatures that did not count (invalid under a trusted key id, or by an unknown key),
+    /// in envelope order; the threshold was met without them.
+    pub fn ignored_signatures(&self) -> &[IgnoredSignature] {
+        &self.ignored
+    }
+
+    /// Every image with its parsed digests, in manifest order.
+    pub fn images(&self) -> impl Iterator<Item = (&ImageEntry, &ImageDigests)> {
+        self.manifest.images.iter().zip(&self.digests)
     }
 
     /// SHA-256 of the signed payload bytes: identifies this exact manifest.
@@ -237,7 +291,8 @@ pub enum VerifyError {
         /// Type this crate reads.
         expected: &'static str,
     },
-    /// A trusted key's signature does not verify: the payload or signature was altered.
+    /// A trusted key's signature does not verify (the payload or signature was altered) and
+    /// the valid signatures alone do not meet the threshold.
     #[error("signature by trusted key {key_id} does not verify (payload or signature altered)")]
     BadSignature {
         /// Key whose signature failed.
@@ -409,28 +464,47 @@ pub fn verify(
         });
     }
 
-    // 4. Signatures: every signature by a trusted key must verify; unknown keys are noted.
+    // 4. Signatures, counted as TUF does: a signature counts when it verifies under the
+    // trusted key its key id names; one that does not (or names no trusted key) does not
+    // count and is reported, but cannot veto: anyone on the path could add junk.
     let message = pae(&envelope.payload_type, &payload);
     let mut valid = BTreeSet::new();
-    let mut untrusted = Vec::new();
+    let mut ignored = Vec::new();
     for (keyid, raw) in &sigs {
         match policy.find(keyid) {
             Some(key) => {
-                UnparsedPublicKey::new(&ED25519, &key.public_key)
-                    .verify(&message, raw)
-                    .map_err(|_| VerifyError::BadSignature {
+                match UnparsedPublicKey::new(&ED25519, &key.public_key).verify(&message, raw) {
+                    Ok(()) => {
+                        valid.insert(key.key_id.clone());
+                    }
+                    Err(_) => ignored.push(IgnoredSignature {
                         key_id: key.key_id.clone(),
-                    })?;
-                valid.insert(key.key_id.clone());
+                        reason: IgnoredReason::Invalid,
+                    }),
+                }
             }
-            None => untrusted.push(clip(keyid, 64)),
+            None => ignored.push(IgnoredSignature {
+                key_id: clip(keyid, 64),
+                reason: IgnoredReason::UntrustedKey,
+            }),
         }
     }
 
-    // 5. Threshold of distinct trusted keys.
+    // 5. Threshold of distinct trusted keys. Below it, the most telling reason: a bad
+    // signature by a trusted key (tampering), else only unknown keys, else too few.
     if valid.len() < policy.threshold {
+        if let Some(bad) = ignored
+            .iter()
+            .find(|i| i.reason == IgnoredReason::Invalid && !valid.contains(&i.key_id))
+        {
+            return Err(VerifyError::BadSignature {
+                key_id: bad.key_id.clone(),
+            });
+        }
         if valid.is_empty() {
-            return Err(VerifyError::UntrustedKey { key_ids: untrusted });
+            return Err(VerifyError::UntrustedKey {
+                key_ids: ignored.into_iter().map(|i| i.key_id).collect(),
+            });
         }
         return Err(VerifyError::ThresholdNotMet {
             valid: valid.len(),
@@ -449,7 +523,9 @@ pub fn verify(
             detail: e.to_string(),
         })?;
     match &probe.schema_version {
-        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
+        Some(serde_json::Value::Number(n))
+            if n.as_u64()
+                .is_some_and(crate::manifest::is_supported_schema_version) => {}
         Some(other) => {
             return Err(VerifyError::UnsupportedSchemaVersion {
                 found: clip(&other.to_string(), 64),
@@ -469,6 +545,24 @@ pub fn verify(
         VerifyError::MalformedManifest { field, detail }
     })?;
     manifest.validate()?;
+    // The rules above checked the spelling; the digests are parsed here, once.
+    let mut digests = Vec::with_capacity(manifest.images.len());
+    for (i, image) in manifest.images.iter().enumerate() {
+        let parse = |field: &str, text: &str| {
+            Sha256::from_hex(text).map_err(|e| VerifyError::MalformedManifest {
+                field: format!("images[{i}].{field}"),
+                detail: e.to_string(),
+            })
+        };
+        digests.push(ImageDigests {
+            sha256: parse("sha256", &image.sha256)?,
+            compressed_sha256: parse("compressed_sha256", &image.compressed_sha256)?,
+            chunk_index_sha256: match &image.chunk_index {
+                Some(ix) => Some(parse("chunk_index.sha256", &ix.sha256)?),
+                None => None,
+            },
+        });
+    }
 
     // 8. Expiry: a manifest is good up to and excluding `expires_at`.
     if ctx.now_unix >= manifest.expires_at {
@@ -507,6 +601,8 @@ pub fn verify(
     Ok(VerifiedManifest {
         manifest,
         signers: valid.into_iter().collect(),
+        ignored,
+        digests,
         payload_sha256,
     })
 }

@@ -46,6 +46,7 @@ fn manifest() -> Manifest {
             compression: Compression::Zstd,
             compressed_size: 4000,
             compressed_sha256: "2".repeat(64),
+            chunk_index: None,
         }],
     }
 }
@@ -219,12 +220,12 @@ fn wrong_product_and_channel() {
 #[test]
 fn unsupported_schema_version() {
     let mut v: serde_json::Value = serde_json::from_slice(&manifest().to_payload()).unwrap();
-    v["schema_version"] = 2.into();
+    v["schema_version"] = 3.into();
     v["a_field_from_the_future"] = true.into();
     let bytes = signed_payload(&serde_json::to_vec(&v).unwrap(), &[&key(1), &key(2)]);
     let err = verify(&bytes, &policy(), &ctx()).unwrap_err();
     assert_eq!(err.kind(), "unsupported_schema_version");
-    assert!(err.to_string().contains('2'), "{err}");
+    assert!(err.to_string().contains('3'), "{err}");
 
     v.as_object_mut().unwrap().remove("schema_version");
     let bytes = signed_payload(&serde_json::to_vec(&v).unwrap(), &[&key(1), &key(2)]);
@@ -503,6 +504,7 @@ fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
         compression: Compression::None,
         compressed_size: 6,
         compressed_sha256: "3".repeat(64),
+        chunk_index: None,
     });
     vec![
         ("envelope/valid.json", signed(&m, &[&fk])),
