@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 mod admin;
@@ -51,6 +51,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS certificate or key {what}: {message}")]
+    Tls { what: String, message: String },
 }
 
 impl ServerError {
@@ -60,6 +62,7 @@ impl ServerError {
             ServerError::Dir { .. } => "repo_dir",
             ServerError::NotADir(_) => "repo_not_dir",
             ServerError::Bind { .. } => "bind",
+            ServerError::Tls { .. } => "tls",
         }
     }
 }
@@ -102,11 +105,77 @@ pub fn router(state: AppState) -> Router {
 #[derive(Debug)]
 pub struct Server;
 
+/// A certificate chain and private key (PEM) to serve https with.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity").finish_non_exhaustive()
+    }
+}
+
+impl TlsIdentity {
+    /// From PEM text: the server certificate first, then any intermediates; a PKCS#8, PKCS#1
+    /// or SEC1 private key.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsIdentity, ServerError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, message: String| ServerError::Tls {
+            what: what.to_string(),
+            message,
+        };
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("certificate", e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("certificate", "no PEM certificate found".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad("key", e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("config", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("certificate and key", e.to_string()))?;
+        // hyper serves HTTP/1.1 only here.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsIdentity {
+            config: Arc::new(config),
+        })
+    }
+
+    /// From PEM files (`--tls-cert`, `--tls-key`).
+    pub fn from_files(cert: &Path, key: &Path) -> Result<TlsIdentity, ServerError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| ServerError::Tls {
+                what: p.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        TlsIdentity::from_pem(&read(cert)?, &read(key)?)
+    }
+}
+
 impl Server {
     /// Serve `dir` on `addr` (use port 0 for a free port) until the handle is dropped.
     pub async fn start(
         dir: impl AsRef<Path>,
         addr: SocketAddr,
+    ) -> Result<ServerHandle, ServerError> {
+        Self::start_with(dir, addr, None).await
+    }
+
+    /// As [`Server::start`], over https when `tls` is given (every route: repository,
+    /// FleetLock, reports, admin).
+    pub async fn start_with(
+        dir: impl AsRef<Path>,
+        addr: SocketAddr,
+        tls: Option<TlsIdentity>,
     ) -> Result<ServerHandle, ServerError> {
         let dir = dir.as_ref();
         let root = tokio::fs::canonicalize(dir)
@@ -125,9 +194,16 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::Bind { addr, source })?;
         let state = AppState::new(root);
-        let task = tokio::spawn(accept_loop(listener, state.clone()));
-        tracing::info!(%addr, root = %state.root.display(), "server-mock listening");
-        Ok(ServerHandle { addr, state, task })
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.config));
+        let task = tokio::spawn(accept_loop(listener, state.clone(), acceptor));
+        tracing::info!(%addr, scheme, root = %state.root.display(), "server-mock listening");
+        Ok(ServerHandle {
+            addr,
+            scheme,
+            state,
+            task,
+        })
     }
 }
 
@@ -135,6 +211,7 @@ impl Server {
 #[derive(Debug)]
 pub struct ServerHandle {
     addr: SocketAddr,
+    scheme: &'static str,
     state: AppState,
     task: JoinHandle<()>,
 }
@@ -145,14 +222,20 @@ impl ServerHandle {
         self.addr
     }
 
-    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:43567`.
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:43567` (`https://` when
+    /// serving TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// URL of a repository path, e.g. `url_for("images/os.img")`.
     pub fn url_for(&self, path: &str) -> String {
-        format!("http://{}/{}", self.addr, path.trim_start_matches('/'))
+        format!(
+            "{}://{}/{}",
+            self.scheme,
+            self.addr,
+            path.trim_start_matches('/')
+        )
     }
 
     /// The repository directory served (canonicalized).
@@ -203,7 +286,14 @@ impl Drop for ServerHandle {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: AppState) {
+/// Longest TLS handshake a client gets.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let app = router(state.clone());
     // Connection tasks live in this set, so aborting the accept loop aborts them too.
     let mut conns = tokio::task::JoinSet::new();
@@ -211,7 +301,29 @@ async fn accept_loop(listener: TcpListener, state: AppState) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(serve_connection(stream, peer, state.clone(), app.clone()));
+                    let _ = stream.set_nodelay(true);
+                    let (state, app) = (state.clone(), app.clone());
+                    match tls.clone() {
+                        None => {
+                            conns.spawn(serve_connection(stream, peer, state, app));
+                        }
+                        Some(acceptor) => {
+                            conns.spawn(async move {
+                                match tokio::time::timeout(
+                                    TLS_HANDSHAKE_TIMEOUT,
+                                    acceptor.accept(stream),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(tls)) => serve_connection(tls, peer, state, app).await,
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                                    }
+                                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -223,8 +335,12 @@ async fn accept_loop(listener: TcpListener, state: AppState) {
     }
 }
 
-async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, state: AppState, app: Router) {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<S: raw::Conn>(
+    mut stream: S,
+    peer: SocketAddr,
+    state: AppState,
+    app: Router,
+) {
     // Read the first request head ourselves: a raw fault armed for its path is answered
     // without hyper; otherwise hyper gets the connection with those bytes put back.
     let head = raw::read_head(&mut stream).await;

@@ -1,5 +1,6 @@
-//! `server-mock --dir REPO [--addr 127.0.0.1:0]`: serve a repository; the first line on
-//! stdout is `listening on http://ADDR` so scripts can read the port.
+//! `server-mock --dir REPO [--addr 127.0.0.1:0] [--tls-cert CERT.pem --tls-key KEY.pem]`:
+//! serve a repository (over https with a certificate); the first line on stdout is
+//! `listening on http[s]://ADDR` so scripts can read the port.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -26,6 +27,12 @@ struct Args {
     /// Free a FleetLock slot held longer than this many seconds (default: held until released).
     #[arg(long)]
     fleetlock_ttl: Option<u64>,
+    /// Serve https with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn parse_group(s: &str) -> Result<(String, u32), String> {
@@ -48,7 +55,17 @@ async fn main() -> ExitCode {
         )
         .init();
     let args = Args::parse();
-    let mut handle = match server_mock::Server::start(&args.dir, args.addr).await {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => match server_mock::TlsIdentity::from_files(c, k) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("server-mock: {e} ({})", e.kind());
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    let mut handle = match server_mock::Server::start_with(&args.dir, args.addr, tls).await {
         Ok(h) => h,
         Err(e) => {
             eprintln!("server-mock: {e} ({})", e.kind());

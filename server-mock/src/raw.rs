@@ -39,8 +39,26 @@ pub(crate) struct Head {
     pub request: Option<RawRequest>,
 }
 
+/// A client connection: plain TCP, or TLS over TCP (`--tls-cert`).
+pub(crate) trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Make the next close a reset (RST) rather than a clean FIN.
+    fn set_reset_on_close(&self);
+}
+
+impl Conn for TcpStream {
+    fn set_reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
+    fn set_reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
 /// Read until the end of the first request head (or EOF, error, size limit, timeout).
-pub(crate) async fn read_head(stream: &mut TcpStream) -> Head {
+pub(crate) async fn read_head<S: Conn>(stream: &mut S) -> Head {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         loop {
@@ -98,18 +116,18 @@ fn parse_head(head: &[u8]) -> Option<RawRequest> {
 
 /// A stream that first yields bytes already read from it.
 #[derive(Debug)]
-pub(crate) struct Rewind {
+pub(crate) struct Rewind<S> {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl Rewind {
-    pub(crate) fn new(prefix: Bytes, inner: TcpStream) -> Self {
+impl<S> Rewind<S> {
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
         Self { prefix, inner }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<S: Conn> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -125,7 +143,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: Conn> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -175,7 +193,7 @@ impl Pre {
 }
 
 /// Answer one request without hyper, applying every matching fault, then close.
-pub(crate) async fn respond(mut stream: TcpStream, req: &RawRequest, state: &AppState) {
+pub(crate) async fn respond<S: Conn>(mut stream: S, req: &RawRequest, state: &AppState) {
     let faults = state.faults.take_for(&req.path, true);
     let entry = state.log.push(LogEntry {
         method: req.method.clone(),
@@ -254,7 +272,7 @@ pub(crate) async fn respond(mut stream: TcpStream, req: &RawRequest, state: &App
             }
             Err(_) => {
                 // drop_after: reset rather than close cleanly.
-                let _ = stream.set_zero_linger();
+                stream.set_reset_on_close();
                 return;
             }
         }

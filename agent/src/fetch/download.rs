@@ -458,13 +458,24 @@ impl Download {
 
 /// The response's ETag when it is a strong one (weak ones cannot be used with If-Range).
 fn strong_etag(resp: &reqwest::Response) -> Option<String> {
-    let v = resp.headers().get(ETAG)?.to_str().ok()?.trim();
+    strong_etag_value(resp.headers().get(ETAG)?.to_str().ok()?)
+}
+
+/// An `ETag` header value when it is a strong one (quoted, no `W/`): the string-level part
+/// of [`strong_etag`], public for the fuzz targets.
+pub fn strong_etag_value(v: &str) -> Option<String> {
+    let v = v.trim();
     (v.starts_with('"') && v.len() >= 2).then(|| v.to_string())
 }
 
 /// `Content-Range: bytes START-END/TOTAL` -> (START, TOTAL).
 fn parse_content_range(resp: &reqwest::Response) -> Option<(u64, u64)> {
-    let v = resp.headers().get(CONTENT_RANGE)?.to_str().ok()?;
+    parse_content_range_value(resp.headers().get(CONTENT_RANGE)?.to_str().ok()?)
+}
+
+/// A `Content-Range` header value `bytes START-END/TOTAL` -> (START, TOTAL), `None` unless
+/// `START <= END < TOTAL`. Public for the fuzz targets.
+pub fn parse_content_range_value(v: &str) -> Option<(u64, u64)> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (start, end) = range.split_once('-')?;

@@ -8,14 +8,29 @@ use tokio::io::AsyncReadExt;
 use super::retry::{classify_send, retry_after, Retry};
 use super::{redact, FetchConfig, FetchError, Url};
 
-/// Where a manifest comes from: `http(s)://` URL, `file://` URL or a plain path.
+/// Where a manifest comes from: `http(s)://` URL, `file://` URL or a plain path, or an
+/// offline bundle (`--bundle`), whose files are its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManifestSource {
     Url(Url),
     File(PathBuf),
+    /// Member `name` of an opened bundle (`manifest.json` for the manifest itself).
+    Bundle {
+        bundle: std::sync::Arc<crate::bundle::Bundle>,
+        name: String,
+    },
 }
 
 impl ManifestSource {
+    /// The manifest of the bundle at `path` (its member table read and checked here).
+    pub fn bundle(path: &Path) -> Result<Self, FetchError> {
+        let bundle = crate::bundle::Bundle::open(path)?;
+        Ok(ManifestSource::Bundle {
+            bundle: std::sync::Arc::new(bundle),
+            name: crate::bundle::MANIFEST_MEMBER.to_string(),
+        })
+    }
+
     /// Parse what an operator wrote (`--manifest` or the config's URL).
     pub fn parse(s: &str) -> Result<Self, FetchError> {
         let invalid = |reason: String| FetchError::InvalidUrl {
@@ -42,11 +57,37 @@ impl ManifestSource {
     }
 }
 
+impl ManifestSource {
+    /// What `relative` (an image or root file named in the manifest) names beside this
+    /// manifest: joined to the URL, or in the manifest file's directory. Err: why the URL
+    /// does not join.
+    pub fn beside(&self, relative: &str) -> Result<ManifestSource, String> {
+        match self {
+            ManifestSource::Url(url) => url
+                .join(relative)
+                .map(ManifestSource::Url)
+                .map_err(|e| e.to_string()),
+            ManifestSource::File(path) => {
+                let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                Ok(ManifestSource::File(dir.join(relative)))
+            }
+            // Members sit side by side: the manifest's relative names are member names.
+            ManifestSource::Bundle { bundle, .. } => Ok(ManifestSource::Bundle {
+                bundle: bundle.clone(),
+                name: relative.to_string(),
+            }),
+        }
+    }
+}
+
 impl std::fmt::Display for ManifestSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ManifestSource::Url(u) => f.write_str(&redact(u)),
             ManifestSource::File(p) => write!(f, "{}", p.display()),
+            ManifestSource::Bundle { bundle, name } => {
+                write!(f, "{}:{name}", bundle.path.display())
+            }
         }
     }
 }
@@ -63,6 +104,16 @@ pub async fn fetch_manifest(
 ) -> Result<Vec<u8>, FetchError> {
     match source {
         ManifestSource::File(p) => read_file(p, max_bytes).await,
+        ManifestSource::Bundle { bundle, name } => {
+            let (bundle, name) = (bundle.clone(), name.clone());
+            tokio::task::spawn_blocking(move || bundle.read_member(&name, max_bytes))
+                .await
+                .map_err(|e| FetchError::Io {
+                    path: source.to_string().into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .map_err(FetchError::from)
+        }
         ManifestSource::Url(u) => {
             let mut retry = Retry::new(cfg);
             retry.start();

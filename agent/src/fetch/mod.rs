@@ -11,11 +11,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod client;
 mod download;
 mod manifest;
 mod retry;
 
-pub use download::{Chunk, Download, FetchStats};
+pub use client::{http_client, load_ca_file, tls_cause, HttpOptions};
+pub use download::{parse_content_range_value, strong_etag_value, Chunk, Download, FetchStats};
 pub use manifest::{fetch_manifest, ManifestSource};
 pub use reqwest::Url;
 
@@ -36,6 +38,8 @@ pub struct FetchConfig {
     pub backoff_cap: Duration,
     /// Fail with `slow_retrieval` when a response delivers less than this.
     pub min_throughput: Option<MinThroughput>,
+    /// `[server] ca_file`: trust only these CAs for https (default: the system roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for FetchConfig {
@@ -51,6 +55,7 @@ impl Default for FetchConfig {
                 bytes_per_sec: 1024,
                 window: Duration::from_secs(30),
             }),
+            ca_file: None,
         }
     }
 }
@@ -69,7 +74,11 @@ pub enum FetchError {
     InvalidUrl { url: String, reason: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
-    #[error("cannot connect to {url}: {source}")]
+    #[error("[server] ca_file {path}: {message}", path = path.display())]
+    CaFile { path: PathBuf, message: String },
+    #[error("{url}: TLS failed: {detail} (the server's certificate must chain to [server] ca_file if set, else to the system roots)")]
+    Tls { url: String, detail: String },
+    #[error("cannot connect to {url}: {}", retry::root_cause(source))]
     Connect {
         url: String,
         #[source]
@@ -121,6 +130,15 @@ pub enum FetchError {
         #[source]
         source: std::io::Error,
     },
+    /// An offline bundle that is not what `update-publish bundle` writes, or lacks a file.
+    #[error(transparent)]
+    Bundle(Box<crate::bundle::BundleError>),
+}
+
+impl From<crate::bundle::BundleError> for FetchError {
+    fn from(e: crate::bundle::BundleError) -> Self {
+        FetchError::Bundle(Box::new(e))
+    }
 }
 
 impl FetchError {
@@ -129,6 +147,8 @@ impl FetchError {
         match self {
             FetchError::InvalidUrl { .. } => "invalid_url",
             FetchError::Client(_) => "client",
+            FetchError::CaFile { .. } => "ca_file",
+            FetchError::Tls { .. } => "tls",
             FetchError::Connect { .. } => "connect",
             FetchError::Timeout { .. } => "timeout",
             FetchError::HttpStatus { .. } => "http_status",
@@ -139,6 +159,7 @@ impl FetchError {
             FetchError::SlowRetrieval { .. } => "slow_retrieval",
             FetchError::Protocol { .. } => "protocol",
             FetchError::Io { .. } => "io",
+            FetchError::Bundle(e) => e.kind(),
         }
     }
 
@@ -151,17 +172,39 @@ impl FetchError {
     }
 }
 
-/// An HTTP client with the config's connect/read timeouts. Installs ring as the rustls
-/// crypto provider for https (once per process; an already installed provider is kept).
+/// The client for manifests, roots and images: the config's connect/read timeouts and CA
+/// (see [`http_client`]).
 pub fn build_client(cfg: &FetchConfig) -> Result<reqwest::Client, FetchError> {
-    // Err only means a provider is already installed, which is what we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(cfg.connect_timeout)
-        .read_timeout(cfg.read_timeout)
-        .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
+    http_client(&HttpOptions {
+        connect_timeout: Some(cfg.connect_timeout),
+        read_timeout: Some(cfg.read_timeout),
+        timeout: None,
+        ca_file: cfg.ca_file.clone(),
+    })
+}
+
+/// Builds `make()`'s client. On a system without CA certificates (no `ca-certificates`
+/// package) the platform verifier refuses to start and every client build failed, even for
+/// http:// servers (found by the lab: the daemon could not start on a minimal Debian). Then
+/// the client is built again trusting no root: http:// works, https:// fails at connect with
+/// an unknown-issuer error, and a warning says why.
+pub fn build_tolerating_no_roots(
+    make: impl Fn() -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let first = match make().build() {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    match make()
+        .tls_certs_only(Vec::<reqwest::Certificate>::new())
         .build()
-        .map_err(FetchError::Client)
+    {
+        Ok(c) => {
+            tracing::warn!(error = %first, "no usable CA certificates on this system (install ca-certificates): https:// servers cannot be verified, http:// still works");
+            Ok(c)
+        }
+        Err(_) => Err(first),
+    }
 }
 
 /// A URL fit for logs and errors: no user info, no query, no fragment.

@@ -37,10 +37,23 @@ pub(crate) fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// The innermost cause of `e` (e.g. `Connection refused (os error 111)` under reqwest's
+/// `error sending request`), which is what an operator needs to act on.
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// Turn a failed `send()` into a `FetchError`.
 pub(crate) fn classify_send(url: &Url, e: reqwest::Error, read_timeout: Duration) -> FetchError {
     let url = redact(url);
-    if e.is_connect() {
+    if let Some(detail) = super::client::tls_cause(&e) {
+        // Not retried: a certificate does not become trusted by asking again.
+        FetchError::Tls { url, detail }
+    } else if e.is_connect() {
         FetchError::Connect { url, source: e }
     } else if e.is_timeout() {
         FetchError::Timeout {
@@ -146,7 +159,8 @@ impl Retry {
                 return Err(err);
             }
         }
-        tracing::info!(
+        // Visible at the default level: an operator waiting on `check` sees why it waits.
+        tracing::warn!(
             url = %redact(url),
             attempt = self.failures + 1,
             max_attempts = self.cfg.max_attempts,

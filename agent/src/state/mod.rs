@@ -3,7 +3,17 @@
 //! Writes are atomic (temp file 0600 in the same directory, fsync, rename, fsync dir), so a
 //! power cut leaves the old or the new record. A corrupt record is an error, never silently
 //! replaced: losing the denylist or the highest serial seen would reopen rollback attacks.
-//! [`StateStore::quarantine_corrupt`] is the explicit operator escape hatch.
+//! [`StateStore::quarantine_corrupt`] and [`StateStore::reset`] are the explicit operator
+//! escape hatches.
+//!
+//! Trust: the record carries the serial floor, the denylist and which slot holds a verified
+//! image, so the directory and the record must be writable by root (or the agent's own uid)
+//! alone: a group- or world-writable one, or one owned by another user, is refused
+//! (`state_insecure`), judged after resolving symlinks.
+//!
+//! The serial floor is also kept in its own record (`floor.json`), raised by every verified
+//! manifest whoever fetched it and never lowered by the agent: losing `state.json` or
+//! replacing it by an older copy does not let an older signed manifest verify again.
 //!
 //! Compatibility: the state directory outlives A/B switches, so after a rollback an *older*
 //! agent reads what a newer one wrote. Fields are therefore only ever added: unknown top-level
@@ -11,8 +21,13 @@
 //! as `unknown`, and `schema_version` records which writer produced the file.
 
 pub mod atomic;
+pub mod transition;
 
-use crate::boot::SlotId;
+pub use transition::{Outcome, Refused, Transition};
+
+use crate::clock::Timestamp;
+use crate::clock::{Clock, SystemClock};
+use crate::slot::SlotId;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -20,7 +35,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use time::OffsetDateTime;
+use std::sync::Arc;
 
 /// Schema version this agent writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -28,6 +43,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const STATE_FILE: &str = "state.json";
 /// File name of the install lock inside the state directory.
 pub const LOCK_FILE: &str = "install.lock";
+/// File name of the serial floor record inside the state directory.
+pub const FLOOR_FILE: &str = "floor.json";
+/// Lock serializing raises of the floor record (check, the daemon and apply may race).
+const FLOOR_LOCK_FILE: &str = "floor.lock";
 /// History entries kept (oldest dropped first).
 pub const HISTORY_LIMIT: usize = 200;
 
@@ -52,6 +71,24 @@ pub enum StateError {
     Locked { pid: Option<u32>, path: PathBuf },
     #[error("could not serialize the state: {0}")]
     Serialize(#[source] serde_json::Error),
+    /// The directory or a record could be written by someone other than root or the agent:
+    /// anyone able to write it could forge the floor, the denylist or a verified slot.
+    #[error("refusing the state {what} {path}: {reason}; it must be owned by root (or the agent's user) and writable by its owner only (chown root {path} && chmod go-w {path})", path = path.display())]
+    Insecure {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    /// The record's phase does not allow the step (e.g. staging with no download running);
+    /// nothing was written.
+    #[error(transparent)]
+    Refused(#[from] transition::Refused),
+    #[error("serial floor record {path} is corrupt ({source}); it was left untouched: inspect it, or drop it with `update-agent state reset --all`", path = path.display())]
+    FloorCorrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl StateError {
@@ -63,6 +100,9 @@ impl StateError {
             StateError::NotADirectory { .. } => "state_not_a_directory",
             StateError::Locked { .. } => "install_locked",
             StateError::Serialize(_) => "state_serialize",
+            StateError::Insecure { .. } => "state_insecure",
+            StateError::FloorCorrupt { .. } => "floor_corrupt",
+            StateError::Refused(_) => "transition_refused",
         }
     }
 }
@@ -114,13 +154,29 @@ pub enum Phase {
     Unknown,
 }
 
+impl Phase {
+    /// The phase's name as the state file spells its tag (`staged`, `rolled_back`, ...), also
+    /// in metrics and status reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Downloading { .. } => "downloading",
+            Phase::Staged { .. } => "staged",
+            Phase::Trial { .. } => "trial",
+            Phase::Committed { .. } => "committed",
+            Phase::RolledBack { .. } => "rolled_back",
+            Phase::Failed { .. } => "failed",
+            Phase::Unknown => "unknown",
+        }
+    }
+}
+
 /// A version this host rolled back from; never offered again (like Zincati's denylist).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DenyEntry {
     pub version: String,
     pub reason: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
+    pub at: Timestamp,
 }
 
 /// What a slot holds, as far as this agent knows.
@@ -144,6 +200,8 @@ pub enum HistoryEvent {
     RolledBack,
     Failed,
     Cancelled,
+    /// A hook ran (`hook` says which, how it ended and what it printed).
+    Hook,
     /// An event written by a newer agent.
     #[serde(other)]
     Unknown,
@@ -152,8 +210,7 @@ pub enum HistoryEvent {
 /// One history entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
+    pub at: Timestamp,
     pub event: HistoryEvent,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
@@ -163,18 +220,57 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<String>,
+    /// For a staged install: what it cost and saved (bytes fetched, and for delta installs
+    /// bytes reused from the slots and requests made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<Transfer>,
+    /// For [`HistoryEvent::Hook`]: the hook's run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookRecord>,
+}
+
+/// What an install moved over the network, for `history` (issue 13: the saving per host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub bytes_fetched: u64,
+    /// Image bytes copied from the slots instead of fetched (delta installs; else 0).
+    #[serde(default)]
+    pub bytes_reused: u64,
+    /// HTTP requests of the delta installs (0 when none was a delta install).
+    #[serde(default)]
+    pub requests: u64,
+    /// Why a delta install fell back to the full stream, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// One run of a hook (docs/hooks.md), as the history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRecord {
+    /// `post_install`, `pre_reboot` or `post_commit`.
+    pub name: String,
+    pub command: Vec<String>,
+    pub passed: bool,
+    pub timed_out: bool,
+    /// `exit status 0`, `killed after the timeout of 5s`, `cannot start ...`.
+    pub status: String,
+    pub duration_ms: u64,
+    /// The last 2 KiB of its stdout and stderr.
+    pub output_tail: String,
 }
 
 impl HistoryEntry {
     /// An entry stamped now with only the event set.
     pub fn now(event: HistoryEvent) -> Self {
         HistoryEntry {
-            at: OffsetDateTime::now_utc(),
+            at: Timestamp::now(),
             event,
             version: None,
             slot: None,
             reason: None,
             error_kind: None,
+            transfer: None,
+            hook: None,
         }
     }
 }
@@ -252,13 +348,18 @@ impl State {
         self.denylist.iter().any(|d| d.version == version)
     }
 
-    /// Put `version` on the denylist (once).
+    /// Put `version` on the denylist (once), stamped now.
     pub fn deny(&mut self, version: &str, reason: &str) {
+        self.deny_at(version, reason, Timestamp::now());
+    }
+
+    /// Put `version` on the denylist (once), stamped `at`.
+    pub(crate) fn deny_at(&mut self, version: &str, reason: &str, at: Timestamp) {
         if !self.is_denied(version) {
             self.denylist.push(DenyEntry {
                 version: version.to_string(),
                 reason: reason.to_string(),
-                at: OffsetDateTime::now_utc(),
+                at,
             });
         }
     }
@@ -299,6 +400,8 @@ pub fn read_boot_id(path: &Path) -> Result<String, StateError> {
 #[derive(Debug, Clone)]
 pub struct StateStore {
     dir: PathBuf,
+    /// Stamps transitions and set-aside copies.
+    clock: Arc<dyn Clock>,
 }
 
 impl StateStore {
@@ -320,7 +423,25 @@ impl StateStore {
             }
             Err(e) => return Err(io_err(&dir)(e)),
         }
-        Ok(StateStore { dir })
+        check_private(&dir, "directory")?;
+        let store = StateStore {
+            dir,
+            clock: Arc::new(SystemClock),
+        };
+        // The records are checked again on every read; checking here makes every command
+        // refuse an insecure one up front, before it acts on anything.
+        for record in [store.path(), store.dir.join(FLOOR_FILE)] {
+            if fs::symlink_metadata(&record).is_ok() {
+                check_private(&record, "record")?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The same store, stamping with `clock` (the host's).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> StateStore {
+        self.clock = clock;
+        self
     }
 
     /// The state directory.
@@ -336,6 +457,11 @@ impl StateStore {
     /// The record; a missing file is the default (idle) state, a corrupt one an error.
     pub fn load(&self) -> Result<State, StateError> {
         let path = self.path();
+        match fs::symlink_metadata(&path) {
+            Ok(_) => check_private(&path, "record")?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
@@ -377,6 +503,97 @@ impl StateStore {
         Ok(r)
     }
 
+    /// Take one step of the update flow ([`Transition`]): load, check the phase it starts
+    /// from, set the next and append its history entry, save, in one atomic write. Refused:
+    /// nothing is written. Hold the [`InstallLock`].
+    pub fn transition(&self, t: Transition) -> Result<Outcome, StateError> {
+        let mut state = self.load()?;
+        let name = t.name();
+        let out = t.apply(&mut state, self.clock.now())?;
+        self.save(&state)?;
+        tracing::debug!(
+            transition = name,
+            phase = state.phase.name(),
+            "state transition"
+        );
+        Ok(out)
+    }
+
+    /// The serial floor on `channel`: the higher of the record's and the floor record's.
+    pub fn serial_floor(&self, channel: &str) -> Result<u64, StateError> {
+        let record = self.load()?.serial(channel);
+        Ok(record.max(self.load_floor()?.serial(channel)))
+    }
+
+    /// Raise the floor record on `channel` to `serial` (never lowers it). Serialized by its
+    /// own lock, so two processes raising at once cannot lower each other's value.
+    pub fn raise_floor(&self, channel: &str, serial: u64) -> Result<(), StateError> {
+        let lock_path = self.dir.join(FLOOR_LOCK_FILE);
+        let file = open_lock_file(&lock_path)?;
+        let _lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_err(&lock_path)(std::io::Error::from(errno)))?;
+        let mut floor = self.load_floor()?;
+        if floor.serial(channel) >= serial {
+            return Ok(());
+        }
+        floor.observe_serial(channel, serial);
+        let mut bytes = serde_json::to_vec_pretty(&floor).map_err(StateError::Serialize)?;
+        bytes.push(b'\n');
+        let path = self.dir.join(FLOOR_FILE);
+        atomic::write_atomic(&path, &bytes, 0o600).map_err(io_err(&path))?;
+        tracing::debug!(channel, serial, "serial floor raised");
+        Ok(())
+    }
+
+    /// The floor record; missing is an empty floor, corrupt an error.
+    pub fn load_floor(&self) -> Result<Floor, StateError> {
+        let path = self.dir.join(FLOOR_FILE);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => check_private(&path, "record")?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Floor::default()),
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        serde_json::from_slice(&bytes).map_err(|source| StateError::FloorCorrupt { path, source })
+    }
+
+    /// `update-agent state reset`: move the record aside and start afresh, keeping the serial
+    /// floor and the denylist (from the old record when it reads, and the floor record) unless
+    /// `all`, which also drops the floor record. Hold the [`InstallLock`].
+    pub fn reset(&self, all: bool) -> Result<ResetReport, StateError> {
+        let old = match self.load() {
+            Ok(s) => Some(s),
+            Err(StateError::Corrupt { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let moved_to = self.quarantine_corrupt()?;
+        let mut fresh = State::default();
+        if all {
+            let path = self.dir.join(FLOOR_FILE);
+            match fs::remove_file(&path) {
+                Ok(()) => atomic::sync_dir(&self.dir).map_err(io_err(&self.dir))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        } else {
+            if let Some(old) = &old {
+                fresh.highest_serial = old.highest_serial.clone();
+                fresh.denylist = old.denylist.clone();
+            }
+            for (channel, serial) in &self.load_floor()?.highest_serial {
+                fresh.observe_serial(channel, *serial);
+            }
+        }
+        // The fresh record starts with no history: what happened is in the moved-aside file.
+        self.save(&fresh)?;
+        Ok(ResetReport {
+            moved_to,
+            old_record_read: old.is_some(),
+            kept_floor: fresh.highest_serial.clone(),
+            kept_denylist: fresh.denylist.iter().map(|d| d.version.clone()).collect(),
+        })
+    }
+
     /// Move a corrupt (or any) record aside to `state.json.corrupt-<unix time>` so the next
     /// load starts fresh. Returns the new path, or `None` when there was no record.
     pub fn quarantine_corrupt(&self) -> Result<Option<PathBuf>, StateError> {
@@ -384,15 +601,113 @@ impl StateStore {
         if !path.exists() {
             return Ok(None);
         }
-        let aside = self.dir.join(format!(
-            "{STATE_FILE}.corrupt-{}",
-            OffsetDateTime::now_utc().unix_timestamp()
-        ));
+        // Never over an earlier set-aside copy (two resets within a second).
+        let stamp = self.clock.unix();
+        let mut aside = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
+        let mut n = 1;
+        while aside.exists() {
+            aside = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}.{n}"));
+            n += 1;
+        }
         fs::rename(&path, &aside).map_err(io_err(&path))?;
         atomic::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         tracing::warn!(from = %path.display(), to = %aside.display(), "state record moved aside");
         Ok(Some(aside))
     }
+}
+
+/// The serial floor record (`floor.json`): the highest serial verified, per channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Floor {
+    #[serde(default)]
+    pub highest_serial: BTreeMap<String, u64>,
+    /// Fields written by a newer agent, kept verbatim.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Floor {
+    /// Highest serial on `channel` (0 if none).
+    pub fn serial(&self, channel: &str) -> u64 {
+        self.highest_serial.get(channel).copied().unwrap_or(0)
+    }
+
+    fn observe_serial(&mut self, channel: &str, serial: u64) {
+        let e = self.highest_serial.entry(channel.to_string()).or_insert(0);
+        *e = (*e).max(serial);
+    }
+}
+
+/// What `state reset` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetReport {
+    /// Where the old record went (`None`: there was none).
+    pub moved_to: Option<PathBuf>,
+    /// Whether the old record could be read (a corrupt one keeps nothing but the floor).
+    pub old_record_read: bool,
+    pub kept_floor: BTreeMap<String, u64>,
+    pub kept_denylist: Vec<String>,
+}
+
+impl ResetReport {
+    pub fn render(&self) -> String {
+        let mut out = match &self.moved_to {
+            Some(p) => format!("state record moved aside to {}\n", p.display()),
+            None => "there was no state record\n".to_string(),
+        };
+        if self.moved_to.is_some() && !self.old_record_read {
+            out += "the old record was corrupt: its denylist could not be kept\n";
+        }
+        out += &format!(
+            "kept: serial floor {:?}, denylist {:?}",
+            self.kept_floor, self.kept_denylist
+        );
+        out
+    }
+}
+
+/// Refuses `path` (after resolving symlinks) when anyone but its owner may write it, or its
+/// owner is neither root nor this process' user.
+fn check_private(path: &Path, what: &'static str) -> Result<(), StateError> {
+    use std::os::unix::fs::MetadataExt;
+    let real = fs::canonicalize(path).map_err(io_err(path))?;
+    let meta = fs::metadata(&real).map_err(io_err(&real))?;
+    let insecure = |reason: String| StateError::Insecure {
+        what,
+        path: real.clone(),
+        reason,
+    };
+    let uid = meta.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if uid != 0 && uid != me {
+        return Err(insecure(format!(
+            "it is owned by uid {uid}, not root or the agent (uid {me})"
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(insecure(format!(
+            "it is {} writable (mode {mode:04o})",
+            match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                (true, true) => "group and world",
+                (true, false) => "group",
+                _ => "world",
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Opens (creating, 0600, never truncating) a file that is only ever `flock`ed.
+fn open_lock_file(path: &Path) -> Result<fs::File, StateError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))
 }
 
 /// Exclusive, non-blocking `flock` on `<state_dir>/install.lock`, held until dropped. The
@@ -408,14 +723,7 @@ impl InstallLock {
     /// Take the lock or fail at once with [`StateError::Locked`].
     pub fn acquire(dir: impl AsRef<Path>) -> Result<InstallLock, StateError> {
         let path = dir.as_ref().join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = open_lock_file(&path)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((mut file, errno)) if errno == nix::errno::Errno::EWOULDBLOCK => {
