@@ -6,7 +6,7 @@
 use update_agent::boot::gptprio::{GptPrio, GptPrioFlags};
 use update_agent::boot::{BootControl, SlotId};
 use update_agent::disk::{FileDevice, Gpt};
-use update_agent::sandbox::disk_image::{create, Preset};
+use update_agent_sandbox::disk_image::{create, Preset};
 
 fn crate_view(
     path: &std::path::Path,

@@ -2,7 +2,7 @@
 //! The sandbox's disk images are real GPT disks: sgdisk agrees with the layout we asked for.
 
 use std::process::Command;
-use update_agent::sandbox::disk_image::{create, Preset};
+use update_agent_sandbox::disk_image::{create, Preset};
 
 fn sgdisk() -> Option<&'static str> {
     if Command::new("sgdisk").arg("--version").output().is_ok() {

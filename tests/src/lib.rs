@@ -9,9 +9,9 @@ use update_agent::boot::SlotId;
 use update_agent::disk::{FileDevice, Gpt};
 use update_agent::error::AgentError;
 use update_agent::ops::apply::{apply, ApplyOptions, ApplyReport};
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, Release, World};
 use update_agent::state::{Phase, State, StateStore};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, Release, World};
 
 /// Whether the external tool `name` (from Debian package `package`) can run. Under CI
 /// (`CI=true`) a missing tool is a failure, not a skip: CI must install it.
@@ -88,6 +88,40 @@ pub fn boot_flags(world: &World, slot: SlotId) -> String {
                 env.get(&grubenv::ok_var(slot)),
                 env.get(&grubenv::try_var(slot)),
                 order.split_whitespace().any(|s| s == slot.to_string())
+            )
+        }
+        Backend::Bls => {
+            // The slot's entry file name carries its state (generation, tries left, done).
+            let marker = format!("-{}", slot.to_string().to_lowercase());
+            let mut names: Vec<String> = std::fs::read_dir(&world.bls_entries)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(&marker))
+                .collect();
+            names.sort();
+            names.join(",")
+        }
+        Backend::Uboot => {
+            let env =
+                update_agent::boot::ubootenv::EnvStore::from_fw_env_config(&world.fw_env_config)
+                    .unwrap()
+                    .read()
+                    .unwrap()
+                    .env;
+            format!(
+                "BOOT_ORDER={:?} LEFT={:?}",
+                env.get("BOOT_ORDER"),
+                env.get(&format!("BOOT_{slot}_LEFT"))
+            )
+        }
+        Backend::Efi => {
+            use update_agent::boot::efivars::{EfiVarFs, EfiVars, GLOBAL_GUID};
+            let vars = EfiVarFs::new(&world.efivars);
+            let data = |name: &str| vars.get(name, GLOBAL_GUID).unwrap().map(|v| v.data);
+            format!(
+                "BootOrder={:?} BootNext={:?}",
+                data("BootOrder"),
+                data("BootNext")
             )
         }
     }

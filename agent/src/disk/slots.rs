@@ -5,7 +5,7 @@
 //! type, in index order, as Bottlerocket's signpost does), or by partition number.
 
 use super::table::{Entry, Gpt, GptError};
-use crate::boot::SlotId;
+use crate::slot::SlotId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;

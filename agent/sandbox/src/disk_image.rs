@@ -9,11 +9,11 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::disk::slots::{
+use update_agent::disk::slots::{
     BOTTLEROCKET_BOOT_TYPE, BOTTLEROCKET_HASH_TYPE, BOTTLEROCKET_ROOT_TYPE, CHROMEOS_KERNEL_TYPE,
     COREOS_USR_TYPE,
 };
-use crate::disk::SlotLayoutConfig;
+use update_agent::disk::SlotLayoutConfig;
 
 /// The seed layouts the agent supports out of the box.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! The README's main-job command, `update-agent demo`, run as the binary: it ends booted on
+//! The README's main-job command, `update-agent-sandbox demo`, run as the binary: it ends booted on
 //! 2.0.0 from slot B with 3.0.0 rolled back and denylisted, exits 0, and leaves nothing
 //! running.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn run_demo(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_update-agent"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_update-agent-sandbox"))
         .arg("demo")
         .args(args)
         .stdout(Stdio::piped())
@@ -90,16 +90,38 @@ fn demo_with_grubenv_and_json_output() {
         .expect("a health-check report with outcome rolled_back");
     assert_eq!(rolled_back["booted"], "A");
     assert_eq!(rolled_back["rolled_back_to"], "B");
-    // The kept sandbox is a real host's state: the CLI reads it.
-    let status = Command::new(env!("CARGO_BIN_EXE_update-agent"))
-        .args([
-            "--config",
-            sandbox.join("config.toml").to_str().unwrap(),
-            "status",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{text}");
+    // The kept sandbox is a real host's state: the agent's status command reads it (through
+    // the library: the `update-agent` binary belongs to another package).
+    let sources = update_agent::config::ConfigSources::system(Some(sandbox.join("config.toml")));
+    let config = update_agent::config::Config::load(&sources).unwrap();
+    let host = update_agent::host::Host::open(config).unwrap();
+    let text = update_agent::ops::status::status(&host).unwrap().render();
     assert!(text.contains("denylisted versions: 3.0.0"), "{text}");
+}
+
+#[test]
+fn demo_with_bls() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = dir.path().join("sandbox");
+    let (status, out, err) = run_demo(&["--backend", "bls", "--dir", sandbox.to_str().unwrap()]);
+    assert!(
+        status.success(),
+        "exit {status}\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    for needle in [
+        "(boot control: bls)",
+        "trial boot of slot B (2.0.0): required checks passed; slot B committed",
+        "trial boot of slot A (3.0.0) FAILED; slot B boots next",
+        "booted: slot B (from LoaderEntrySelected)",
+        "next boot: slot B",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    // What systemd-boot would see: B committed, A (3.0.0) marked bad after one counted try.
+    let mut names: Vec<String> = std::fs::read_dir(sandbox.join("esp/loader/entries"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["1-sandbox-b.conf", "2-sandbox-a+0-1.conf"], "{out}");
 }

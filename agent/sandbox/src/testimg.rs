@@ -2,13 +2,13 @@
 //! tests of the disk and boot layers. Partition numbers have gaps on purpose, and some
 //! attribute bits outside gptprio's are set, so tests can check both are preserved.
 
-use super::slots::{
+use std::path::Path;
+use std::process::Command;
+use update_agent::disk::slots::{
     BOTTLEROCKET_BOOT_TYPE, BOTTLEROCKET_HASH_TYPE, BOTTLEROCKET_ROOT_TYPE, CHROMEOS_KERNEL_TYPE,
     COREOS_USR_TYPE,
 };
-use super::SlotLayoutConfig;
-use std::path::Path;
-use std::process::Command;
+use update_agent::disk::SlotLayoutConfig;
 
 /// Whether external tool `name` (Debian package `package`) runs. Missing: an error under
 /// `CI=true` (CI must install it), otherwise `Ok(false)` after printing how to install it.

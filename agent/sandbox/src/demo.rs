@@ -1,18 +1,18 @@
-//! `update-agent demo`: the whole job, end to end, in a temporary directory: install 2.0.0,
+//! `update-agent-sandbox demo`: the whole job, end to end, in a temporary directory: install 2.0.0,
 //! reboot, pass the health checks and commit; then 3.0.0 fails its health check on the trial
 //! boot, is rolled back automatically and denylisted, and the host ends on 2.0.0. Reboots go
 //! through the boot simulator (the sandbox's `[reboot] command` is `true`).
 
 use std::process::ExitCode;
 
-use crate::boot::SlotId;
-use crate::cli::output::Output;
-use crate::cli::DemoArgs;
-use crate::error::AgentError;
-use crate::health::journal::RunOutcome;
-use crate::ops;
-use crate::sandbox::disk_image::Preset;
-use crate::sandbox::world::{Backend, World, FACTORY_VERSION};
+use crate::disk_image::Preset;
+use crate::world::{Backend, World, FACTORY_VERSION};
+use crate::DemoArgs;
+use update_agent::boot::SlotId;
+use update_agent::cli::output::Output;
+use update_agent::error::AgentError;
+use update_agent::health::journal::RunOutcome;
+use update_agent::ops;
 
 fn step(out: &Output, n: u32, text: &str) {
     out.emit(&serde_json::json!({"step": n, "text": text}), || {
@@ -21,25 +21,31 @@ fn step(out: &Output, n: u32, text: &str) {
 }
 
 fn sandbox_err(e: impl std::fmt::Display) -> AgentError {
-    AgentError::Refused(format!("sandbox: {e}"))
+    AgentError::Sandbox(e.to_string())
 }
 
 /// Runs the demo; returns success only if every step did what it should.
 pub fn run(args: &DemoArgs, out: Output) -> Result<ExitCode, AgentError> {
     let preset = Preset::parse(&args.layout).ok_or_else(|| {
-        AgentError::Refused(format!(
+        AgentError::Sandbox(format!(
             "unknown layout {:?}: use flatcar, chromeos or bottlerocket",
             args.layout
         ))
     })?;
     let backend = Backend::parse(&args.backend).ok_or_else(|| {
-        AgentError::Refused(format!(
-            "unknown backend {:?}: use gptprio or grubenv",
+        AgentError::Sandbox(format!(
+            "unknown backend {:?}: use gptprio, grubenv, bls, uboot or efi",
             args.backend
         ))
     })?;
     let (_tmp, dir) = match &args.dir {
         Some(d) => {
+            // Checked before anything is written: a second run must not overwrite the disk
+            // image of the first and only then trip over its keys.
+            if let Err(message) = prepare_dir(d, args.force) {
+                out.error_kind("demo_dir_not_empty", &message);
+                return Ok(ExitCode::from(2));
+            }
             std::fs::create_dir_all(d).map_err(|source| AgentError::Io {
                 what: format!("creating {}", d.display()),
                 source,
@@ -58,7 +64,7 @@ pub fn run(args: &DemoArgs, out: Output) -> Result<ExitCode, AgentError> {
             (Some(t), p)
         }
     };
-    let rt = crate::host::runtime()?;
+    let rt = update_agent::host::runtime()?;
     rt.block_on(demo(&dir, preset, backend, out))
 }
 
@@ -108,17 +114,12 @@ async fn demo(
         "update-agent apply: stream, verify, write slot B, read back, stage",
     );
     let a_before = slot_digests(&world, SlotId::A)?;
-    let mut bar = crate::cli::progress::Progress::new(out.progress_json);
-    let report = ops::apply::apply(&host, &ops::apply::ApplyOptions::default(), &mut |ev| {
-        bar.event(ev)
-    })
-    .await;
-    bar.finish();
+    let report = apply_with_progress(&host, out).await;
     let report = report?;
     out.emit(&report, || report.render());
     if slot_digests(&world, SlotId::A)? != a_before {
-        return Err(AgentError::Refused(
-            "sandbox: the active slot changed during the install".into(),
+        return Err(AgentError::Sandbox(
+            "the active slot changed during the install".into(),
         ));
     }
 
@@ -135,8 +136,8 @@ async fn demo(
         )
     });
     if booted != Some(SlotId::B) {
-        return Err(AgentError::Refused(format!(
-            "sandbox: expected slot B to boot, got {booted:?}"
+        return Err(AgentError::Sandbox(format!(
+            "expected slot B to boot, got {booted:?}"
         )));
     }
     for image in &release.images {
@@ -188,12 +189,7 @@ async fn demo(
         "publish 3.0.0 and apply it: it goes into slot A (the inactive one now)",
     );
     world.publish("3.0.0", Vec::new()).map_err(sandbox_err)?;
-    let mut bar = crate::cli::progress::Progress::new(out.progress_json);
-    let report = ops::apply::apply(&host, &ops::apply::ApplyOptions::default(), &mut |ev| {
-        bar.event(ev)
-    })
-    .await;
-    bar.finish();
+    let report = apply_with_progress(&host, out).await;
     let report = report?;
     out.emit(&report, || report.render());
     expect(report.slot == SlotId::A, "3.0.0 should be staged in slot A")?;
@@ -282,6 +278,89 @@ async fn demo(
     })
 }
 
+/// What [`World::create`] puts in its directory: the only entries `--force` removes.
+const SANDBOX_ENTRIES: &[&str] = &[
+    "disk.img",
+    "repo",
+    "state",
+    "keys",
+    "cmdline",
+    "grubenv",
+    "esp",
+    "efivars",
+    "fw_env.config",
+    "uboot-env.img",
+    "config.toml",
+    "os-release",
+    "boot_id",
+    "uptime",
+    "health",
+    "scratch",
+];
+
+/// `Ok` when `dir` is missing or empty, or (with `force`) holds only an earlier sandbox,
+/// which is then removed. Anything else is refused with the reason, and nothing is touched.
+fn prepare_dir(dir: &std::path::Path, force: bool) -> Result<(), String> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("cannot list {}: {e}", dir.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let foreign: Vec<&String> = entries
+        .iter()
+        .filter(|e| !SANDBOX_ENTRIES.contains(&e.as_str()))
+        .collect();
+    if !force || !foreign.is_empty() {
+        let mut names = entries.clone();
+        names.sort();
+        names.truncate(5);
+        return Err(format!(
+            "--dir {} is not empty ({}{}); nothing was changed. {}",
+            dir.display(),
+            names.join(", "),
+            if entries.len() > 5 { ", ..." } else { "" },
+            if foreign.is_empty() {
+                "It holds an earlier sandbox: pass --force to replace it, or choose an empty directory"
+            } else {
+                "It holds files that are not a sandbox's: choose an empty directory"
+            }
+        ));
+    }
+    for name in &entries {
+        let path = dir.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| format!("--force: cannot remove {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `apply` with the terminal's progress and the live progress `status` reads.
+async fn apply_with_progress(
+    host: &update_agent::host::Host,
+    out: Output,
+) -> Result<ops::apply::ApplyReport, AgentError> {
+    let mut bar = update_agent::cli::progress::Progress::new(out.progress);
+    let mut live = update_agent::progress::live::LiveWriter::new(host.state.dir(), None);
+    let report = ops::apply::apply(host, &ops::apply::ApplyOptions::default(), &mut |ev| {
+        live.event(&ev);
+        bar.event(ev)
+    })
+    .await;
+    drop(live);
+    bar.finish();
+    report
+}
+
 fn expect(ok: bool, what: &str) -> Result<(), AgentError> {
     if ok {
         Ok(())
@@ -300,10 +379,7 @@ fn emit_booted(out: &Output, booted: Option<SlotId>) {
 }
 
 fn args_backend(b: Backend) -> &'static str {
-    match b {
-        Backend::Gptprio => "gptprio",
-        Backend::Grubenv => "grubenv",
-    }
+    b.name()
 }
 
 fn slot_digests(world: &World, slot: SlotId) -> Result<Vec<[u8; 32]>, AgentError> {

@@ -12,14 +12,25 @@ use std::path::{Path, PathBuf};
 use ring::digest::{digest, SHA256};
 use updater_proto::{Compression, Manifest, SigningKey, Wave};
 
-use crate::boot::gptprio::GptPrioFlags;
-use crate::boot::grubenv::{self, EnvLocation};
-use crate::boot::{sim, sim_grub, SlotId};
-use crate::config::Config;
-use crate::disk::{BlockDevice, FileDevice, Gpt, ResolvedSlots};
-use crate::host::Host;
-use crate::sandbox::disk_image::{self, Preset};
-use crate::state::{SlotRecord, StateStore};
+use crate::disk_image::{self, Preset};
+use crate::{sim, sim_bls, sim_efi, sim_grub, sim_uboot};
+use update_agent::boot::gptprio::GptPrioFlags;
+use update_agent::boot::grubenv::{self, EnvLocation};
+use update_agent::boot::SlotId;
+use update_agent::config::Config;
+use update_agent::disk::{BlockDevice, FileDevice, Gpt, ResolvedSlots};
+use update_agent::host::Host;
+use update_agent::state::{SlotRecord, StateStore};
+
+/// Entry names of slots A and B with the bls backend.
+pub const BLS_NAME_A: &str = "sandbox-a";
+pub const BLS_NAME_B: &str = "sandbox-b";
+/// Size of each U-Boot environment copy with the uboot backend (a redundant pair).
+pub const UBOOT_ENV_SIZE: usize = 0x4000;
+/// `Boot####` numbers of slots A and B with the efi backend, and a non-slot option (the
+/// firmware's built-in shell) the sandbox puts last in `BootOrder`.
+pub const EFI_ENTRIES: [u16; 2] = [0x0001, 0x0002];
+pub const EFI_OTHER_ENTRY: u16 = 0x0000;
 
 /// The release the sandbox disk ships with in slot A.
 pub const FACTORY_VERSION: &str = "1.0.0";
@@ -61,6 +72,12 @@ fn setup(e: impl std::fmt::Display) -> SandboxError {
 pub enum Backend {
     Gptprio,
     Grubenv,
+    /// systemd-boot boot counting, simulated by [`sim_bls`].
+    Bls,
+    /// RAUC's U-Boot script on a redundant environment, simulated by [`sim_uboot`].
+    Uboot,
+    /// The UEFI boot manager (BootNext / BootOrder), simulated by [`sim_efi`].
+    Efi,
 }
 
 impl Backend {
@@ -68,7 +85,20 @@ impl Backend {
         match s {
             "gptprio" => Some(Backend::Gptprio),
             "grubenv" => Some(Backend::Grubenv),
+            "bls" => Some(Backend::Bls),
+            "uboot" => Some(Backend::Uboot),
+            "efi" => Some(Backend::Efi),
             _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gptprio => "gptprio",
+            Backend::Grubenv => "grubenv",
+            Backend::Bls => "bls",
+            Backend::Uboot => "uboot",
+            Backend::Efi => "efi",
         }
     }
 }
@@ -145,10 +175,24 @@ pub struct World {
     pub repo: PathBuf,
     pub state_dir: PathBuf,
     pub cmdline: PathBuf,
+    /// Stands in for the booted slot's `/etc/os-release` (`[system] os_release_path`):
+    /// rewritten on every [`World::boot`] from the release found in the booted slot.
+    pub os_release: PathBuf,
     pub grubenv: PathBuf,
+    /// bls backend: the ESP's `loader/entries` directory and the `LoaderEntrySelected` file.
+    pub bls_entries: PathBuf,
+    pub bls_entry_selected: PathBuf,
+    /// uboot backend: libubootenv's configuration and the image holding both copies.
+    pub fw_env_config: PathBuf,
+    pub uboot_env: PathBuf,
+    /// efi backend (and bls' systemd-boot variables): the efivarfs-format directory.
+    pub efivars: PathBuf,
     pub config_path: PathBuf,
     /// Stands in for `/proc/sys/kernel/random/boot_id`: a fresh id on every [`World::boot`].
     pub boot_id: PathBuf,
+    /// Stands in for `/proc/uptime`: a simulated boot is instant, so the kernel's boot time
+    /// the health check records is the instant it started.
+    pub proc_uptime: PathBuf,
     /// `[health] required_dir` and `wanted_dir`.
     pub required_d: PathBuf,
     pub wanted_d: PathBuf,
@@ -183,8 +227,8 @@ impl World {
         for i in 0..2 {
             let private = keys_dir.join(format!("release-{i}.key"));
             let public = keys_dir.join(format!("release-{i}.pub"));
-            crate::publish::generate_key(&private, &public, false).map_err(setup)?;
-            keys.push(crate::publish::load_signing_key(&private).map_err(setup)?);
+            update_agent::publish::generate_key(&private, &public, false).map_err(setup)?;
+            keys.push(update_agent::publish::load_signing_key(&private).map_err(setup)?);
             key_entries += &format!("[[trust.keys]]\nfile = {:?}\n\n", public);
         }
 
@@ -195,9 +239,19 @@ impl World {
         let world = World {
             dir: dir.to_path_buf(),
             cmdline: dir.join("cmdline"),
+            os_release: dir.join("os-release"),
             grubenv: dir.join("grubenv"),
+            bls_entries: dir.join("esp").join("loader").join("entries"),
+            bls_entry_selected: dir.join("efivars").join(format!(
+                "LoaderEntrySelected-{}",
+                update_agent::boot::bls::LOADER_GUID
+            )),
+            fw_env_config: dir.join("fw_env.config"),
+            uboot_env: dir.join("uboot-env.img"),
+            efivars: dir.join("efivars"),
             config_path: dir.join("config.toml"),
             boot_id: dir.join("boot_id"),
+            proc_uptime: dir.join("uptime"),
             required_d: dir.join("health").join("required.d"),
             wanted_d: dir.join("health").join("wanted.d"),
             disk,
@@ -210,28 +264,43 @@ impl World {
             serial: 0,
             slot_mib,
         };
-        let backend_name = match backend {
-            Backend::Gptprio => "gptprio",
-            Backend::Grubenv => "grubenv",
-        };
+        let backend_name = backend.name();
         let config = format!(
             "[disk]\npath = {disk:?}\nlayout = {layout:?}\n\n\
-             [boot]\nbackend = {backend_name:?}\ngrubenv_path = {grubenv:?}\ncmdline_path = {cmdline:?}\n\n\
+             [boot]\nbackend = {backend_name:?}\ngrubenv_path = {grubenv:?}\ncmdline_path = {cmdline:?}\n{bls}\n\
              [server]\nmanifest_url = {url:?}\n\n\
              [trust]\nproduct = {PRODUCT:?}\nchannel = {CHANNEL:?}\nthreshold = 2\n\n{key_entries}\
              [state]\ndir = {state:?}\n\n\
              [install]\nconnect_timeout = \"5s\"\nread_timeout = \"10s\"\n\n\
              [health]\nrequired_dir = {required:?}\nwanted_dir = {wanted:?}\n\
              check_timeout = \"10s\"\ntotal_timeout = \"60s\"\n\n\
-             [reboot]\ncommand = [\"true\"]\n",
+             [reboot]\ncommand = [\"true\"]\n\n\
+             [system]\nos_release_path = {os_release:?}\n",
             disk = world.disk,
             layout = preset.name(),
             grubenv = world.grubenv,
+            bls = match backend {
+                Backend::Bls => format!(
+                    "bls_entries_dir = {:?}\nbls_entry_a = {BLS_NAME_A:?}\nbls_entry_b = {BLS_NAME_B:?}\n\
+                     bls_entry_selected_path = {:?}\n",
+                    world.bls_entries, world.bls_entry_selected
+                ),
+                Backend::Uboot => format!(
+                    "uboot_fw_env_config = {:?}\ntries = 3\n",
+                    world.fw_env_config
+                ),
+                Backend::Efi => format!(
+                    "efivars_dir = {:?}\nefi_entry_a = \"{:04X}\"\nefi_entry_b = \"{:04X}\"\n",
+                    world.efivars, EFI_ENTRIES[0], EFI_ENTRIES[1]
+                ),
+                _ => String::new(),
+            },
             cmdline = world.cmdline,
             url = world.manifest_url(),
             state = world.state_dir,
             required = world.required_d,
             wanted = world.wanted_d,
+            os_release = world.os_release,
         );
         for d in [&world.required_d, &world.wanted_d] {
             std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
@@ -247,13 +316,13 @@ impl World {
     }
 
     /// The agent's view of this host, from the written config file.
-    pub fn host(&self) -> Result<Host, crate::error::AgentError> {
+    pub fn host(&self) -> Result<Host, update_agent::error::AgentError> {
         let config = self.config()?;
         Host::open(config)
     }
 
-    pub fn config(&self) -> Result<Config, crate::error::AgentError> {
-        let sources = crate::config::ConfigSources {
+    pub fn config(&self) -> Result<Config, update_agent::error::AgentError> {
+        let sources = update_agent::config::ConfigSources {
             main: Some(self.config_path.clone()),
             dropin_dirs: Vec::new(),
         };
@@ -299,6 +368,78 @@ impl World {
                 env.set(&grubenv::ok_var(SlotId::B), "0").map_err(setup)?;
                 loc.write(&env).map_err(setup)?;
             }
+            Backend::Bls => {
+                // A type #1 entry per slot; B holds nothing yet: marked bad, so it is never chosen.
+                let dirs = [&self.bls_entries, &self.dir.join("efivars")];
+                for d in dirs {
+                    std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+                }
+                for (slot, file) in [
+                    (SlotId::A, format!("{BLS_NAME_A}.conf")),
+                    (SlotId::B, format!("{BLS_NAME_B}+0-0.conf")),
+                ] {
+                    let guid = slots.get(slot).flags_partition().map(|p| p.unique_guid);
+                    let body = format!(
+                        "title Sandbox slot {slot}\nlinux /vmlinuz-{slot}\noptions root=PARTUUID={} ro\n",
+                        guid.unwrap_or_default()
+                    );
+                    std::fs::write(self.bls_entries.join(&file), body)
+                        .map_err(io(format!("writing boot entry {file}")))?;
+                }
+            }
+            Backend::Uboot => {
+                // A redundant pair in one image; slot B holds nothing yet: out of BOOT_ORDER.
+                use update_agent::boot::{uboot, ubootenv::EnvStore};
+                std::fs::write(&self.uboot_env, vec![0u8; 2 * UBOOT_ENV_SIZE])
+                    .map_err(io("creating the U-Boot environment image"))?;
+                let img = self.uboot_env.display();
+                std::fs::write(
+                    &self.fw_env_config,
+                    format!(
+                        "# sandbox: a redundant U-Boot environment in one image file\n\
+                         {img} 0x0 {UBOOT_ENV_SIZE:#x}\n{img} {UBOOT_ENV_SIZE:#x} {UBOOT_ENV_SIZE:#x}\n"
+                    ),
+                )
+                .map_err(io("writing fw_env.config"))?;
+                let mut store = EnvStore::from_fw_env_config(&self.fw_env_config).map_err(setup)?;
+                store
+                    .provision(&uboot::initial_env(SlotId::A, 3).map_err(setup)?)
+                    .map_err(setup)?;
+            }
+            Backend::Efi => {
+                // One load option per slot and the firmware's shell; BootOrder names A then
+                // the shell (B holds nothing yet).
+                use update_agent::boot::efi::{encode_order, LoadOption, END_DEVICE_PATH};
+                use update_agent::boot::efivars::{
+                    EfiVar, EfiVarFs, EfiVars, ATTR_NV_BS_RT, GLOBAL_GUID,
+                };
+                std::fs::create_dir_all(&self.efivars)
+                    .map_err(io(format!("creating {}", self.efivars.display())))?;
+                let mut vars = EfiVarFs::new(&self.efivars);
+                let var = |data: Vec<u8>| EfiVar {
+                    attributes: ATTR_NV_BS_RT,
+                    data,
+                };
+                for (n, label) in [
+                    (EFI_ENTRIES[0], "sandbox slot A"),
+                    (EFI_ENTRIES[1], "sandbox slot B"),
+                    (EFI_OTHER_ENTRY, "EFI Internal Shell"),
+                ] {
+                    let opt = LoadOption::encode(1, label, &END_DEVICE_PATH);
+                    vars.set(
+                        &update_agent::boot::efi::boot_var(n),
+                        GLOBAL_GUID,
+                        &var(opt),
+                    )
+                    .map_err(setup)?;
+                }
+                vars.set(
+                    "BootOrder",
+                    GLOBAL_GUID,
+                    &var(encode_order(&[EFI_ENTRIES[0], EFI_OTHER_ENTRY])),
+                )
+                .map_err(setup)?;
+            }
         }
         dev.flush().map_err(io("flushing the factory image"))?;
         let store = StateStore::open(&self.state_dir).map_err(setup)?;
@@ -324,7 +465,11 @@ impl World {
         // host: with the grubenv backend this resets A_TRY, without which the next reboot
         // would find slot A's attempts used up.
         let host = self.host().map_err(setup)?;
-        crate::ops::commit::mark_good(&host).map_err(setup)?;
+        update_agent::ops::commit::mark_good_because(
+            &host,
+            "factory setup: the sandbox's first boot of the factory release",
+        )
+        .map_err(setup)?;
         Ok(())
     }
 
@@ -362,8 +507,9 @@ impl World {
             let bytes = image_bytes(&spec.version, role, len);
             let src = scratch.join(format!("{role}-{}.img", spec.version));
             std::fs::write(&src, &bytes).map_err(io("writing a release image"))?;
-            let entry = crate::publish::prepare_image(&src, &self.repo, role, spec.compression)
-                .map_err(setup)?;
+            let entry =
+                update_agent::publish::prepare_image(&src, &self.repo, role, spec.compression)
+                    .map_err(setup)?;
             let mut sum = [0u8; 32];
             sum.copy_from_slice(digest(&SHA256, &bytes).as_ref());
             images.push(ReleaseImage {
@@ -374,7 +520,7 @@ impl World {
             entries.push(entry);
             let _ = std::fs::remove_file(&src);
         }
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let now = update_agent::clock::Timestamp::now().as_second();
         // An expired manifest is still a well-formed one: issued before it expired.
         let expires_at = now + spec.expires_in_secs;
         let manifest = Manifest {
@@ -403,10 +549,20 @@ impl World {
     pub fn serve_manifest(&mut self, mut manifest: Manifest) -> Result<Manifest, SandboxError> {
         self.serial += 1;
         manifest.serial = self.serial;
-        let signed = crate::publish::sign_manifest(&manifest, &self.keys).map_err(setup)?;
+        let signed = update_agent::publish::sign_manifest(&manifest, &self.keys).map_err(setup)?;
         std::fs::write(self.repo.join("manifest.json"), signed)
             .map_err(io("writing manifest.json"))?;
         Ok(manifest)
+    }
+
+    /// `[reboot] command` touches `flag` instead of rebooting, so a test can see that the
+    /// agent asked for a reboot.
+    pub fn reboot_by_touching(&self, flag: &Path) -> Result<(), SandboxError> {
+        self.set_config(
+            "reboot",
+            "command",
+            toml::Value::Array(vec!["touch".into(), flag.display().to_string().into()]),
+        )
     }
 
     /// Set `[table] key = value` in the host's config.toml (e.g. `install`, `max_attempts`,
@@ -448,6 +604,31 @@ impl World {
                 let mut loc = EnvLocation::File(self.grubenv.clone());
                 sim_grub::boot(&mut loc, tries).map_err(setup)?.booted
             }
+            Backend::Bls => {
+                let b = self.config().map_err(setup)?.boot;
+                let boot = update_agent::boot::bls::BlsBoot::new(
+                    &b.bls_entries_dir,
+                    &b.bls_entry_a,
+                    &b.bls_entry_b,
+                    b.tries,
+                )
+                .map_err(setup)?;
+                Some(
+                    sim_bls::boot(&boot, Some(&self.bls_entry_selected))
+                        .map_err(setup)?
+                        .booted,
+                )
+            }
+            Backend::Uboot => {
+                let mut store =
+                    update_agent::boot::ubootenv::EnvStore::from_fw_env_config(&self.fw_env_config)
+                        .map_err(setup)?;
+                sim_uboot::boot(&mut store).map_err(setup)?.booted
+            }
+            Backend::Efi => {
+                let mut vars = update_agent::boot::efivars::EfiVarFs::new(&self.efivars);
+                sim_efi::boot(&mut vars, EFI_ENTRIES).map_err(setup)?.slot
+            }
         };
         let cmdline = match slot {
             Some(s) => {
@@ -460,23 +641,58 @@ impl World {
             None => "rescue\n".to_string(),
         };
         std::fs::write(&self.cmdline, cmdline).map_err(io("writing the kernel command line"))?;
+        // What the booted system's /etc/os-release says: the release its image carries.
+        let version = match slot {
+            Some(s) => self.release_in(&slots, s)?,
+            None => None,
+        };
+        let mut os_release = "ID=sandbox\nNAME=\"update-agent sandbox\"\n".to_string();
+        if let Some(v) = version {
+            os_release += &format!("VERSION_ID={v}\n");
+        }
+        std::fs::write(&self.os_release, os_release).map_err(io("writing os-release"))?;
         std::fs::write(&self.boot_id, format!("{}\n", uuid::Uuid::new_v4()))
             .map_err(io("writing the boot id"))?;
+        std::fs::write(&self.proc_uptime, "0.00 0.00\n").map_err(io("writing the uptime"))?;
         Ok(slot)
     }
 
+    /// The release whose image is in `slot` (its first partition's second block starts with
+    /// [`image_bytes`]' `release <version> role` line), if any.
+    fn release_in(
+        &self,
+        slots: &ResolvedSlots,
+        slot: SlotId,
+    ) -> Result<Option<String>, SandboxError> {
+        let parts = &slots.get(slot).parts;
+        let main = parts.get("usr").or_else(|| parts.get("root"));
+        let Some(part) = main.or_else(|| parts.values().next()) else {
+            return Ok(None);
+        };
+        let dev = FileDevice::open_read_only(&self.disk).map_err(setup)?;
+        let mut block = vec![0u8; 256];
+        dev.read_at(&mut block, part.byte_offset + 4096)
+            .map_err(io("reading the booted slot's image"))?;
+        let text = String::from_utf8_lossy(&block);
+        Ok(text
+            .strip_prefix("release ")
+            .and_then(|rest| rest.split_once(" role "))
+            .map(|(v, _)| v.to_string()))
+    }
+
     /// How the health check finds this world's boot id.
-    pub fn health_options(&self) -> crate::ops::health::HealthOptions {
-        crate::ops::health::HealthOptions {
+    pub fn health_options(&self) -> update_agent::ops::health::HealthOptions {
+        update_agent::ops::health::HealthOptions {
             boot_id_path: self.boot_id.clone(),
+            uptime_path: self.proc_uptime.clone(),
         }
     }
 
     /// Run `update-agent health-check` for the current (simulated) boot.
     pub fn health_check(
         &self,
-    ) -> Result<crate::ops::health::HealthReport, crate::error::AgentError> {
-        crate::ops::health::health_check(&self.host()?, &self.health_options())
+    ) -> Result<update_agent::ops::health::HealthReport, update_agent::error::AgentError> {
+        update_agent::ops::health::health_check(&self.host()?, &self.health_options())
     }
 
     /// Put an executable shell script `name` into `required.d` (or `wanted.d`).

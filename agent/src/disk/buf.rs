@@ -1,4 +1,5 @@
-//! Fixed-size buffers aligned for direct I/O, in safe Rust: over-allocate by the alignment and
+//! Fixed-size buffers aligned for direct I/O (`O_DIRECT` needs them; the disk and the install
+//! pipeline share them), in safe Rust: over-allocate by the alignment and
 //! use the aligned window inside.
 
 /// Alignment of every I/O buffer: the largest logical block size in use (4Kn disks), which
