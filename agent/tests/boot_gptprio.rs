@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use update_agent::boot::gptprio::{GptPrio, GPTPRIO_MASK};
-use update_agent::boot::{booted_slot, sim, BootControl, SlotId};
-use update_agent::disk::testimg::{cgpt_field, require_tool, run, sgdisk_verify, Layout};
+use update_agent::boot::{booted_slot, BootControl, SlotId};
 use update_agent::disk::{BlockDevice, FileDevice, Gpt, SlotLayoutConfig};
+use update_agent_sandbox::sim;
+use update_agent_sandbox::testimg::{cgpt_field, require_tool, run, sgdisk_verify, Layout};
 
 fn tools() -> bool {
     require_tool("sgdisk", "gdisk").unwrap() && require_tool("cgpt", "cgpt").unwrap()
@@ -519,7 +520,7 @@ fn a_loop_device_is_a_disk_like_its_image() {
 #[test]
 fn no_sequence_of_operations_leaves_nothing_to_boot() {
     use proptest::prelude::*;
-    use update_agent::disk::recording::MemDevice;
+    use update_agent_sandbox::recording::MemDevice;
     if !tools() {
         return;
     }

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use update_agent::boot::grubenv::{
     create_file, EnvLocation, GrubEnv, GrubEnvBoot, GrubEnvError, ENV_BLOCK_SIZE, TRIAL_VAR,
 };
-use update_agent::boot::sim_grub;
 use update_agent::boot::{BootControl, SlotId, SlotStatus};
 use update_agent::disk::BlockDevice;
+use update_agent_sandbox::sim_grub;
 
 /// `grub-editenv` is usable; under `CI=true` its absence fails the test.
 fn have_grub_editenv() -> bool {
@@ -197,6 +197,9 @@ fn wrong_size_or_missing_header_is_a_clear_error_and_nothing_is_written() {
     let mut boot = GrubEnvBoot::file(&path, 1).unwrap();
     let e = boot.stage(SlotId::B).unwrap_err();
     assert!(e.to_string().contains("1000 bytes"), "{e}");
+    // Each bad block has its own stable kind through the BootControl trait (status, the
+    // state record and the metrics all carry it), not the catch-all `boot_inconsistent`.
+    assert_eq!(e.kind(), "grubenv_wrong_size");
     assert!(e.to_string().contains("grubenv"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), short);
 
@@ -205,6 +208,7 @@ fn wrong_size_or_missing_header_is_a_clear_error_and_nothing_is_written() {
     std::fs::write(&path, &headless).unwrap();
     let e = boot.commit(SlotId::A).unwrap_err();
     assert!(e.to_string().contains("header"), "{e}");
+    assert_eq!(e.kind(), "grubenv_missing_header");
     assert_eq!(std::fs::read(&path).unwrap(), headless);
 
     let mut garbage = b"# GRUB Environment Block\nA_OK=1\nnoequals\n".to_vec();
@@ -212,12 +216,14 @@ fn wrong_size_or_missing_header_is_a_clear_error_and_nothing_is_written() {
     std::fs::write(&path, &garbage).unwrap();
     let e = boot.status().unwrap_err();
     assert!(e.to_string().contains("no '='"), "{e}");
+    assert_eq!(e.kind(), "grubenv_malformed");
 
     let mut bad = b"# GRUB Environment Block\nA_OK=yes\n".to_vec();
     bad.resize(ENV_BLOCK_SIZE, b'#');
     std::fs::write(&path, &bad).unwrap();
     let e = boot.disable(SlotId::B).unwrap_err();
     assert!(e.to_string().contains("A_OK"), "{e}");
+    assert_eq!(e.kind(), "grubenv_bad_value");
     assert_eq!(std::fs::read(&path).unwrap(), bad);
     // No temp files left behind by any of the refused writes.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);

@@ -8,7 +8,6 @@
 //! before writing, and writes through [`Gpt::write`] (broken copy repaired first, then backup,
 //! flush, primary, flush).
 
-use super::sim::choose_gptprio;
 use super::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
 use crate::disk::{BlockDevice, Gpt, ResolvedSlots, SlotError, SlotLayoutConfig};
 
@@ -364,6 +363,23 @@ impl<D: BlockDevice> BootControl for GptPrio<D> {
     }
 }
 
+/// The loaders' choice: walk entries in index order; an entry is a candidate when it has
+/// tries left or is marked successful, and wins when its priority is strictly greater than the
+/// best so far (starting from 0, so priority 0 never boots and ties go to the lower index).
+/// `entries` yields (partition number, attribute field); returns the chosen number.
+pub fn choose_gptprio(entries: impl IntoIterator<Item = (u32, u64)>) -> Option<u32> {
+    let mut best = 0u8;
+    let mut chosen = None;
+    for (number, attrs) in entries {
+        let f = GptPrioFlags::from_attributes(attrs);
+        if (f.tries > 0 || f.successful) && f.priority > best {
+            best = f.priority;
+            chosen = Some(number);
+        }
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -390,5 +406,35 @@ mod tests {
         }
         .to_attributes(0);
         assert_eq!(format!("{sg:016x}"), "0102000000000000");
+    }
+
+    fn a(priority: u8, tries: u8, successful: bool) -> u64 {
+        GptPrioFlags {
+            priority,
+            tries,
+            successful,
+        }
+        .to_attributes(0)
+    }
+
+    #[test]
+    fn choice_rule_matches_the_loaders() {
+        // Priority 0 never boots, even when successful.
+        assert_eq!(choose_gptprio([(1, a(0, 5, true))]), None);
+        // Neither tries nor successful: not a candidate.
+        assert_eq!(
+            choose_gptprio([(1, a(9, 0, false)), (2, a(1, 0, true))]),
+            Some(2)
+        );
+        // Highest priority wins; ties go to the lower index.
+        assert_eq!(
+            choose_gptprio([(3, a(2, 1, false)), (4, a(2, 0, true))]),
+            Some(3)
+        );
+        assert_eq!(
+            choose_gptprio([(3, a(1, 0, true)), (4, a(2, 1, false))]),
+            Some(4)
+        );
+        assert_eq!(choose_gptprio([]), None);
     }
 }

@@ -1,40 +1,44 @@
 //! Boot control: which slot boots next, trial boots, commit and rollback.
 //!
-//! One trait, [`BootControl`], with a backend per mechanism (`gptprio`, `grubenv`), and a
-//! simulator of each loader's choice (`sim`, `sim_grub`) for tests and the demo.
+//! One trait, [`BootControl`], with a backend per mechanism (`gptprio`, `grubenv`, `bls`,
+//! `uboot`, `efi`). The
+//! simulators of each loader's choice live in the `update-agent-sandbox` crate, outside the
+//! shipped agent.
 
+pub mod bls;
+pub mod efi;
+pub mod efivars;
 pub mod gptprio;
 pub mod grubenv;
-pub mod sim;
-pub mod sim_grub;
+pub mod uboot;
+pub mod ubootenv;
+
+pub use crate::slot::SlotId;
 
 use crate::disk::{ResolvedSlots, SlotError};
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use uuid::Uuid;
 
-/// One of the two A/B slots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-pub enum SlotId {
-    A,
-    B,
-}
+/// The agent's own trial mark in a RAUC-style environment (GRUB's and U-Boot's), ignored by
+/// the loader: which slot was staged and not yet committed, so `status` can tell "staged"
+/// from "committed".
+pub const TRIAL_VAR: &str = "UPDATE_AGENT_TRIAL";
 
-impl SlotId {
-    pub fn other(self) -> SlotId {
-        match self {
-            SlotId::A => SlotId::B,
-            SlotId::B => SlotId::A,
-        }
+/// A slot token of RAUC's variables (`ORDER`, `BOOT_ORDER`, the trial mark): `A` or `B`.
+pub(crate) fn parse_slot_token(token: &str) -> Option<SlotId> {
+    match token {
+        "A" => Some(SlotId::A),
+        "B" => Some(SlotId::B),
+        _ => None,
     }
 }
 
-impl fmt::Display for SlotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SlotId::A => "A",
-            SlotId::B => "B",
-        })
+/// The trial mark's value: absent or empty = none; otherwise it must name a slot
+/// (`Err(value)`: the caller reports the variable and the value).
+pub(crate) fn parse_trial_mark(value: Option<&str>) -> Result<Option<SlotId>, &str> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) => parse_slot_token(v).map(Some).ok_or(v),
     }
 }
 
@@ -76,6 +80,9 @@ pub enum BootError {
     Refused(String),
     #[error("{0}")]
     Disk(String),
+    /// A backend's own stable kind (`uboot_*`, `ubootenv_*`, `efi_*`) with its message.
+    #[error("{message}")]
+    Backend { kind: &'static str, message: String },
     /// The partition table or the slots on it (no GPT, corrupt copies, missing labels...).
     #[error("disk {disk}: {source}")]
     Table {
@@ -93,6 +100,7 @@ impl BootError {
             BootError::Inconsistent(_) => "boot_inconsistent",
             BootError::Refused(_) => "boot_refused",
             BootError::Disk(_) => "boot_disk",
+            BootError::Backend { kind, .. } => kind,
             BootError::Table { source, .. } => source.kind(),
         }
     }
