@@ -7,7 +7,10 @@
 //! install_bench --disk DISK --url URL --size N --sha256 HEX
 //!               [--compression none|zstd --compressed-size N --compressed-sha256 HEX]
 //!               [--readback on|off] [--layout flatcar] [--role usr]
+//! install_bench --sha256-speed MIB
 //! ```
+//! The second form hashes MIB MiB (1 MiB buffers, as the pipeline does) with ring's SHA-256
+//! and prints its speed, to compare with `openssl speed -evp sha256 -bytes 1048576`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -39,7 +42,27 @@ fn hex32(s: &str) -> [u8; 32] {
     v.try_into().expect("32-byte sha256")
 }
 
+/// ring's SHA-256 over `mib` MiB in 1 MiB updates, in MB/s (10^6 bytes per second).
+fn sha256_speed(mib: u64) -> f64 {
+    let buf = vec![0x5au8; 1 << 20];
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let t = Instant::now();
+    for _ in 0..mib {
+        ctx.update(&buf);
+    }
+    std::hint::black_box(ctx.finish());
+    (mib << 20) as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--sha256-speed") {
+        let mib = std::env::args().nth(2).map_or(1024, |s| s.parse().unwrap());
+        println!(
+            "{{\"sha256_mb_per_s\":{:.0},\"mib\":{mib}}}",
+            sha256_speed(mib)
+        );
+        return;
+    }
     let mut args: HashMap<String, String> = HashMap::new();
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -60,9 +83,7 @@ fn main() {
     let compressed_size = get("compressed-size").map_or(size, |s| s.parse().unwrap());
     let compressed_sha = get("compressed-sha256").map(|s| hex32(&s));
     let readback = match get("readback").as_deref() {
-        None | Some("on") => Readback::Uncached {
-            path: disk.clone().into(),
-        },
+        None | Some("on") => Readback::Uncached,
         Some("off") => Readback::Off,
         Some(o) => panic!("--readback on|off, not {o}"),
     };

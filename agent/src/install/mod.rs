@@ -12,30 +12,31 @@
 //! written (each write is checked against the partition range). The partition tail beyond the
 //! image is left as it is, like RAUC and Bottlerocket: the image carries its own length.
 //!
-//! Memory: at most `channel_capacity + 2` input buffers, three write buffers and two read-back
-//! buffers of `buffer_size` bytes each, plus the zstd window (`2^zstd_window_log_max`), whatever
+//! Memory: at most `channel_capacity + 2` input buffers, three write buffers, a write batch of
+//! four and two read-back buffers of `buffer_size` bytes each, plus the zstd window (`2^zstd_window_log_max`), whatever
 //! the image size. See [`InstallOptions::memory_bound`].
 //!
-//! Threads: the download runs as a tokio task; a decode stage (wire hash, zstd) and a disk
-//! stage (image hash, writes, fsync at checkpoints) run on blocking threads joined by a
+//! Threads: the download runs as a tokio task (wire hash); a decode stage (zstd, image hash)
+//! and a disk stage (`O_DIRECT` writes, fsync at checkpoints) run on blocking threads joined by a
 //! one-slot channel; a verifier thread reads back each checkpointed range as soon as it is
 //! fsynced, so the read-back overlaps the download and only the tail is read after the end.
 
-mod buf;
 mod readback;
 mod source;
 mod writer;
 
-pub use buf::{AlignedBuf, IO_ALIGN};
 pub use readback::{Readback, ReadbackMethod};
 pub use source::{BytesSource, ChunkFuture, FileSource, ImageSource, SourceChunk, SourceError};
 
 use crate::boot::{BootControl, BootError, SlotId};
+// The aligned buffers are the disk's (direct I/O); the pipeline's stages name them `buf::`.
+use crate::disk::buf::{self, AlignedBuf, IO_ALIGN};
 use crate::disk::BlockDevice;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -101,39 +102,26 @@ impl std::fmt::Debug for TargetImage {
 
 impl TargetImage {
     /// The target for a verified manifest entry going into `part`, a partition of the
-    /// inactive slot. Fails on malformed hashes; the size checks happen in [`install`].
+    /// inactive slot, with the digests verification parsed. The size checks happen in
+    /// [`install`].
     pub fn from_entry(
-        slot: SlotId,
         entry: &updater_proto::ImageEntry,
+        digests: &updater_proto::ImageDigests,
         part: &crate::disk::slots::Partition,
         source: Box<dyn ImageSource>,
-    ) -> Result<TargetImage, InstallError> {
-        let parse = |what: &str, hex_str: &str| -> Result<[u8; 32], InstallError> {
-            hex::decode(hex_str)
-                .ok()
-                .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                .ok_or_else(|| InstallError::InvalidPlan {
-                    slot,
-                    reason: format!("{}: {what} {hex_str:?} is not a hex SHA-256", entry.role),
-                })
-        };
-        let expected_sha256 = parse("sha256", &entry.sha256)?;
-        let compressed_sha256 = match entry.compression {
-            Compression::None if entry.compressed_sha256.is_empty() => None,
-            _ => Some(parse("compressed_sha256", &entry.compressed_sha256)?),
-        };
-        Ok(TargetImage {
+    ) -> TargetImage {
+        TargetImage {
             role: entry.role.clone(),
             part_offset: part.byte_offset,
             part_len: part.byte_len,
             expected_size: entry.size,
-            expected_sha256,
+            expected_sha256: digests.sha256.0,
             compression: entry.compression,
             compressed_size: entry.compressed_size,
-            compressed_sha256,
+            compressed_sha256: Some(digests.compressed_sha256.0),
             source,
             resume: None,
-        })
+        }
     }
 }
 
@@ -160,11 +148,44 @@ pub struct InstallOptions {
     pub zstd_window_log_max: u32,
     /// How to verify what reached the disk.
     pub readback: Readback,
+    /// Stops the install at its next chunk boundary (or while it waits for one) with
+    /// [`InstallError::Cancelled`]; the checkpoints recorded so far stay valid.
+    pub cancel: Option<CancelToken>,
 }
 
+/// A request to stop a running install, shared between the installer and whoever cancels it.
+#[derive(Debug, Clone)]
+pub struct CancelToken(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        CancelToken(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl CancelToken {
+    /// Ask the install to stop.
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once [`CancelToken::cancel`] was called (at once if it already was).
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+/// The source error kind of a pump stopped by its [`CancelToken`].
+const CANCEL_KIND: &str = "cancel_requested";
+
 impl Default for InstallOptions {
-    /// Defaults; `readback` goes through the device, so callers that know the device path
-    /// should set [`Readback::Uncached`] to bypass the page cache.
+    /// Defaults; `readback` reads through the device's page cache: set
+    /// [`Readback::Uncached`] to read the medium.
     fn default() -> Self {
         InstallOptions {
             buffer_size: DEFAULT_BUFFER_SIZE,
@@ -172,6 +193,7 @@ impl Default for InstallOptions {
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             zstd_window_log_max: DEFAULT_ZSTD_WINDOW_LOG_MAX,
             readback: Readback::Device,
+            cancel: None,
         }
     }
 }
@@ -179,13 +201,15 @@ impl Default for InstallOptions {
 impl InstallOptions {
     /// Upper bound of the pipeline's buffer memory in bytes, independent of image size:
     /// input buffers (channel + one being filled + one being consumed), three write buffers
-    /// (filling, queued, being written; raw images pass input buffers through instead), two
-    /// read-back buffers, and the zstd window plus its block buffers.
+    /// (filling, queued, being written; raw images pass input buffers through instead), the
+    /// disk stage's batch of four buffers (one device write), two read-back buffers, and the
+    /// zstd window plus its block buffers.
     pub fn memory_bound(&self) -> u64 {
         let b = self.buffer_size as u64;
         let inputs = (self.channel_capacity as u64 + 2) * b;
         let zstd = (1u64 << self.zstd_window_log_max) + (256 << 10);
-        inputs + 3 * b + 2 * b + zstd
+        let batch = writer::WRITE_BATCH_BUFFERS as u64 * b;
+        inputs + 3 * b + batch + 2 * b + zstd
     }
 }
 
@@ -301,11 +325,72 @@ pub struct TargetReport {
     pub sha256: String,
     /// How the read-back was done (`None` when disabled).
     pub readback: Option<ReadbackMethod>,
-    /// From the first byte to the final fsync and the stream hash check.
+    /// From the first byte to the final fsync and the stream hash check (`write_ms`).
+    #[serde(rename = "write_ms", with = "crate::jsonout::millis")]
     pub write_time: Duration,
     /// Read-back time after the final fsync (the tail); earlier ranges are read back while
-    /// the download runs. For a reused target, the whole verification.
+    /// the download runs. For a reused target, the whole verification (`readback_ms`).
+    #[serde(rename = "readback_ms", with = "crate::jsonout::millis")]
     pub readback_time: Duration,
+    /// Where the time went, stage by stage.
+    #[serde(default)]
+    pub stages: StageTimes,
+}
+
+/// Time each stage of one target spent working (or, for `download`, waiting for the source),
+/// in JSON as `<stage>_ms` (whole milliseconds). The stages run on their own threads and overlap, so they do not add up to the
+/// wall time: the largest one is the bottleneck.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTimes {
+    /// Waiting for the source's next chunk (the network, or a local file).
+    #[serde(rename = "download_ms", with = "crate::jsonout::millis")]
+    pub download: Duration,
+    /// zstd decompression (zero for raw images).
+    #[serde(rename = "decode_ms", with = "crate::jsonout::millis")]
+    pub decode: Duration,
+    /// SHA-256 of the image and of the wire bytes, in the stream.
+    #[serde(rename = "hash_ms", with = "crate::jsonout::millis")]
+    pub hash: Duration,
+    /// Writes into the partition.
+    #[serde(rename = "write_ms", with = "crate::jsonout::millis")]
+    pub write: Duration,
+    /// Flushes: at each checkpoint and at the end.
+    #[serde(rename = "flush_ms", with = "crate::jsonout::millis")]
+    pub flush: Duration,
+    /// Read-back: reading the medium and hashing it again, on the verifier thread.
+    #[serde(rename = "readback_ms", with = "crate::jsonout::millis")]
+    pub readback: Duration,
+}
+
+/// Shared stage counters (nanoseconds), added to from every thread of one target.
+#[derive(Debug, Default)]
+pub(crate) struct StageClock {
+    pub download: AtomicU64,
+    pub decode: AtomicU64,
+    pub hash: AtomicU64,
+    pub write: AtomicU64,
+    pub flush: AtomicU64,
+    pub readback: AtomicU64,
+}
+
+impl StageClock {
+    /// Add the time since `start` to `stage`.
+    pub fn add(stage: &AtomicU64, start: Instant) {
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        stage.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StageTimes {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        StageTimes {
+            download: d(&self.download),
+            decode: d(&self.decode),
+            hash: d(&self.hash),
+            write: d(&self.write),
+            flush: d(&self.flush),
+            readback: d(&self.readback),
+        }
+    }
 }
 
 /// What happened to the slot.
@@ -415,6 +500,11 @@ pub enum InstallError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "{role}: the install was cancelled; {written} image bytes are durable on disk and the \
+         next install of this release resumes from them where it can"
+    )]
+    Cancelled { role: String, written: u64 },
     #[error("{role}: the install pipeline stopped unexpectedly: {reason}")]
     Internal { role: String, reason: String },
 }
@@ -434,6 +524,7 @@ impl InstallError {
             InstallError::Fetch { .. } => "fetch",
             InstallError::Boot { .. } => "boot",
             InstallError::ResumeRecord { .. } => "resume_record",
+            InstallError::Cancelled { .. } => "install_cancelled",
             InstallError::Internal { .. } => "internal",
         }
     }
@@ -619,7 +710,9 @@ async fn install_target(
         channel_capacity: opts.channel_capacity,
         checkpoint_bytes: opts.checkpoint_bytes.max(opts.buffer_size as u64),
         window_log_max: opts.zstd_window_log_max,
-        readback: opts.readback.clone(),
+        readback: opts.readback,
+        clock: Arc::default(),
+        cancel: opts.cancel.clone(),
     };
     let mut record = ResumeRecord {
         slot,
@@ -676,12 +769,26 @@ async fn run_job(
     let (data_tx, data_rx) = mpsc::channel::<writer::Msg>(job.channel_capacity);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<writer::Event>();
     let etag = Arc::new(Mutex::new(record.etag.clone()));
+    let cancel = job.cancel.clone();
     let pump = source.map(|src| {
         let wire_hash = writer::wants_wire_hash(&job);
-        tokio::spawn(pump(src, data_tx, job.buffer_size, wire_hash, etag.clone()).in_current_span())
+        let clock = job.clock.clone();
+        tokio::spawn(
+            pump(
+                src,
+                data_tx,
+                job.buffer_size,
+                wire_hash,
+                etag.clone(),
+                clock,
+                cancel.clone(),
+            )
+            .in_current_span(),
+        )
     });
     let slot = job.slot;
     let compressed_size = job.compressed_size;
+    let clock = job.clock.clone();
     let dev_w = dev.clone();
     let span = tracing::Span::current();
     let writer = tokio::task::spawn_blocking(move || {
@@ -736,8 +843,15 @@ async fn run_job(
         });
     }
     match written {
-        Ok(Ok(report)) => Ok(report),
+        Ok(Ok(mut report)) => {
+            report.stages = clock.snapshot();
+            Ok(report)
+        }
         Ok(Err(writer::WriterError::StreamAborted)) => Err(match pumped {
+            Err(source) if source.kind == CANCEL_KIND => InstallError::Cancelled {
+                role: role.to_string(),
+                written: record.written,
+            },
             // The object is bigger than the signed metadata says: a size mismatch, whichever
             // layer saw the first byte too many.
             Err(source) if source.kind == "too_long" => InstallError::SizeMismatch {
@@ -773,58 +887,92 @@ async fn run_job(
 /// Pull chunks from `src`, coalesce them into `buffer_size` buffers and push them into the
 /// bounded channel (awaiting when the writer is behind: that is the backpressure). With
 /// `wire_hash`, also hash the wire bytes here, off the decode thread, in network-sized steps.
+///
+/// The buffers are [`AlignedBuf`]s, so the disk stage can write them with `O_DIRECT` straight
+/// from memory; each comes back to this task's pool when the disk stage drops it.
 async fn pump(
     mut src: Box<dyn ImageSource>,
     tx: mpsc::Sender<writer::Msg>,
     buffer_size: usize,
     wire_hash: bool,
     etag: Arc<Mutex<Option<String>>>,
+    clock: Arc<StageClock>,
+    cancel: Option<CancelToken>,
 ) -> Result<(), SourceError> {
     let new_ctx = || wire_hash.then(|| ring::digest::Context::new(&ring::digest::SHA256));
     let mut ctx = new_ctx();
-    let mut acc = BytesMut::new();
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<AlignedBuf>();
+    let mut acc = AlignedBuf::empty();
+    let mut fill = 0usize;
     let closed = || SourceError::new("cancelled", "the writer stopped");
     loop {
-        match src.next_chunk().await? {
+        let t = Instant::now();
+        // A cancel is seen between chunks and while waiting for one (a stalled server).
+        let chunk = match &cancel {
+            Some(c) => tokio::select! {
+                chunk = src.next_chunk() => chunk?,
+                () = c.cancelled() => {
+                    return Err(SourceError::new(CANCEL_KIND, "the install was cancelled"));
+                }
+            },
+            None => src.next_chunk().await?,
+        };
+        StageClock::add(&clock.download, t);
+        match chunk {
             Some(SourceChunk::Data(mut b)) => {
                 if let Some(c) = ctx.as_mut() {
+                    let t = Instant::now();
                     c.update(&b);
+                    StageClock::add(&clock.hash, t);
                 }
                 if let (Some(e), Ok(mut slot)) = (src.etag(), etag.lock()) {
                     if slot.as_deref() != Some(e.as_str()) {
                         *slot = Some(e);
                     }
                 }
+                if acc.is_empty() && b.len() == buffer_size && (b.as_ptr() as usize) % IO_ALIGN == 0
+                {
+                    // A whole aligned buffer (the file source's reads): pass it on as it is.
+                    tx.send(writer::Msg::Data(b)).await.map_err(|_| closed())?;
+                    continue;
+                }
                 while !b.is_empty() {
-                    if acc.is_empty() && b.len() >= buffer_size {
-                        let piece: Bytes = b.split_to(buffer_size);
-                        tx.send(writer::Msg::Data(piece))
-                            .await
-                            .map_err(|_| closed())?;
-                        continue;
+                    if acc.is_empty() {
+                        acc = pool_rx
+                            .try_recv()
+                            .unwrap_or_else(|_| AlignedBuf::new(buffer_size));
+                        fill = 0;
                     }
-                    if acc.capacity() < buffer_size {
-                        acc.reserve(buffer_size - acc.len());
-                    }
-                    let n = (buffer_size - acc.len()).min(b.len());
-                    acc.extend_from_slice(&b.split_to(n));
-                    if acc.len() == buffer_size {
-                        tx.send(writer::Msg::Data(acc.split().freeze()))
+                    let n = (buffer_size - fill).min(b.len());
+                    acc.as_mut_slice()[fill..fill + n].copy_from_slice(&b.split_to(n));
+                    fill += n;
+                    if fill == buffer_size {
+                        let full = Pooled::bytes(
+                            std::mem::replace(&mut acc, AlignedBuf::empty()),
+                            fill,
+                            &pool_tx,
+                        );
+                        tx.send(writer::Msg::Data(full))
                             .await
                             .map_err(|_| closed())?;
                     }
                 }
             }
             Some(SourceChunk::Restarted) => {
-                acc.clear();
+                fill = 0;
                 ctx = new_ctx();
                 tx.send(writer::Msg::Restarted)
                     .await
                     .map_err(|_| closed())?;
             }
             None => {
-                if !acc.is_empty() {
-                    tx.send(writer::Msg::Data(acc.split().freeze()))
+                if !acc.is_empty() && fill > 0 {
+                    let last = Pooled::bytes(
+                        std::mem::replace(&mut acc, AlignedBuf::empty()),
+                        fill,
+                        &pool_tx,
+                    );
+                    tx.send(writer::Msg::Data(last))
                         .await
                         .map_err(|_| closed())?;
                 }
@@ -838,6 +986,42 @@ async fn pump(
                     .map_err(|_| closed())?;
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The first `len` bytes of a pool buffer, shared as [`Bytes`]; dropping the last handle
+/// returns the buffer to the pool.
+struct Pooled {
+    buf: Option<AlignedBuf>,
+    len: usize,
+    pool: std::sync::mpsc::Sender<AlignedBuf>,
+}
+
+impl Pooled {
+    fn bytes(buf: AlignedBuf, len: usize, pool: &std::sync::mpsc::Sender<AlignedBuf>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf: Some(buf),
+            len,
+            pool: pool.clone(),
+        })
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        match &self.buf {
+            Some(b) => &b.as_slice()[..self.len],
+            None => &[],
+        }
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            // The pump may be gone (install over): then the buffer is simply freed.
+            let _ = self.pool.send(b);
         }
     }
 }
