@@ -6,18 +6,25 @@
 //! See `docs/ARCHITECTURE.md` for the code map and the invariants.
 
 pub mod boot;
+pub mod bundle;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod delta;
 pub mod disk;
 pub mod error;
 pub mod fetch;
 pub mod fleet;
 pub mod health;
+pub mod hooks;
 pub mod host;
 pub mod install;
+pub mod jsonout;
 pub mod ops;
 pub mod policy;
+pub mod progress;
 pub mod publish;
-pub mod sandbox;
+pub mod slot;
 pub mod state;
+pub mod trust;

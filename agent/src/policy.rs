@@ -41,7 +41,7 @@ impl PolicyError {
 
 /// What the host knows about itself and what the operator allowed.
 #[derive(Debug, Clone, Default)]
-pub struct HostFacts<'a> {
+pub(crate) struct HostFacts<'a> {
     /// The version running now, if known (a fresh host may not know it).
     pub running: Option<&'a Version>,
     /// Versions rolled back from, with the reason recorded at the time.
@@ -52,7 +52,7 @@ pub struct HostFacts<'a> {
 
 /// The denylist as versions with their reasons; entries that are not semver (written by hand
 /// or by a newer agent) cannot match an offered version and are skipped.
-pub fn denylist_versions(entries: &[crate::state::DenyEntry]) -> Vec<(Version, String)> {
+pub(crate) fn denylist_versions(entries: &[crate::state::DenyEntry]) -> Vec<(Version, String)> {
     entries
         .iter()
         .filter_map(|d| {
@@ -64,7 +64,7 @@ pub fn denylist_versions(entries: &[crate::state::DenyEntry]) -> Vec<(Version, S
 }
 
 /// Decides whether `offered` (with its optional `min_running` requirement) may be installed.
-pub fn admit(
+pub(crate) fn admit(
     offered: &Version,
     min_running: Option<&Version>,
     host: &HostFacts<'_>,

@@ -340,3 +340,65 @@ fn show_output_loads_back_to_the_same_config() {
     let defaults = Config::default().to_toml_string().unwrap();
     assert_eq!(Config::from_toml_str(&defaults).unwrap(), Config::default());
 }
+
+/// "Exactly one of" options are enums in the typed config; the parser refuses none or
+/// several with the entry's key and the kind the rule always had, whether the text comes
+/// alone or from a config file among drop-ins.
+#[test]
+fn exactly_one_of_options_refuse_none_and_several_by_key_and_kind() {
+    let key = "public_key = \"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\"";
+    let cases = [
+        (
+            format!("[[trust.keys]]\nid = \"ops\"\n{key}\nfile = \"/k.pub\"\n"),
+            "config_key",
+            "trust.keys[0] (id ops)",
+        ),
+        (
+            "[[trust.keys]]\nid = \"ops\"\n".to_string(),
+            "config_key",
+            "trust.keys[0]",
+        ),
+        (
+            "[[health.checks]]\nunit = \"a.service\"\n\n[[health.checks]]\n".to_string(),
+            "config_invalid",
+            "health.checks[1]",
+        ),
+        (
+            "[[health.checks]]\nunit = \"a.service\"\ntcp = \"h:1\"\n".to_string(),
+            "config_invalid",
+            "health.checks[0]",
+        ),
+    ];
+    for (text, kind, at) in &cases {
+        let e = Config::from_toml_str(text).unwrap_err();
+        assert_eq!(e.kind(), *kind, "{text}: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(at) && msg.contains("exactly one"),
+            "{text}: {msg}"
+        );
+
+        let roots = Roots::new();
+        roots.write("etc/update-agent/config.toml", text);
+        let e = Config::load(&roots.sources(true)).unwrap_err();
+        assert_eq!(e.kind(), *kind, "{text}: {e}");
+    }
+
+    // One of each is held as its variant and written back as the key it came from.
+    let text = format!(
+        "[[trust.keys]]\n{key}\n\n[[health.checks]]\nhttp = \"http://127.0.0.1/\"\nrequired = false\n"
+    );
+    let c = Config::from_toml_str(&text).unwrap();
+    assert!(matches!(
+        c.trust.keys[0].source,
+        update_agent::config::KeySource::Inline(_)
+    ));
+    assert_eq!(
+        c.health.checks[0].target,
+        update_agent::config::CheckTarget::Http("http://127.0.0.1/".into())
+    );
+    assert!(!c.health.checks[0].required);
+    let shown = c.to_toml_string().unwrap();
+    assert!(shown.contains("http = \"http://127.0.0.1/\""), "{shown}");
+    assert_eq!(Config::from_toml_str(&shown).unwrap(), c);
+}

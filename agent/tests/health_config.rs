@@ -9,8 +9,8 @@ use update_agent::boot::SlotId;
 use update_agent::health::journal::RunOutcome;
 use update_agent::ops;
 use update_agent::ops::apply::ApplyOptions;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, World};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, World};
 
 async fn world(backend: Backend) -> (tempfile::TempDir, World) {
     let dir = tempfile::tempdir().unwrap();

@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use update_agent::boot::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
-use update_agent::disk::BlockDevice;
+use update_agent::disk::{BlockDevice, FileDevice};
 use update_agent::install::{
-    install, BytesSource, ChunkFuture, Compression, ImageSource, InstallError, InstallOptions,
-    InstallPlan, NoResume, Phase, ProgressEvent, Readback, ReadbackMethod, ResumeRecord,
-    SourceChunk, SourceError, TargetImage,
+    install, BytesSource, CancelToken, ChunkFuture, Compression, ImageSource, InstallError,
+    InstallOptions, InstallPlan, NoResume, Phase, ProgressEvent, Readback, ReadbackMethod,
+    ResumeRecord, SourceChunk, SourceError, TargetImage,
 };
 
 const MIB: u64 = 1 << 20;
@@ -38,7 +38,12 @@ struct TestDisk {
     min_off: Arc<AtomicU64>,
     corrupt_writes: bool,
     written: Arc<AtomicU64>,
+    /// Bytes read through `read_at`.
+    read: Arc<AtomicU64>,
     slow: bool,
+    /// The same file as a real device, whose uncached reader this disk hands out (`None`:
+    /// a disk without one, read back through `read_at`).
+    medium: Option<FileDevice>,
 }
 
 impl BlockDevice for TestDisk {
@@ -46,7 +51,11 @@ impl BlockDevice for TestDisk {
         self.size
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read.fetch_add(buf.len() as u64, Ordering::SeqCst);
         self.file.read_exact_at(buf, offset)
+    }
+    fn uncached_reader(&self) -> Option<io::Result<update_agent::disk::UncachedReader>> {
+        self.medium.as_ref().and_then(BlockDevice::uncached_reader)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         {
@@ -165,6 +174,16 @@ fn sha(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// An entry's digests as verification parses them.
+fn digests_of(entry: &updater_proto::ImageEntry) -> updater_proto::ImageDigests {
+    let parse = |hex: &str| updater_proto::Sha256::from_hex(hex).unwrap();
+    updater_proto::ImageDigests {
+        sha256: parse(&entry.sha256),
+        compressed_sha256: parse(&entry.compressed_sha256),
+        chunk_index_sha256: None,
+    }
+}
+
 struct Env {
     _dir: tempfile::TempDir,
     path: PathBuf,
@@ -172,8 +191,21 @@ struct Env {
     max_end: Arc<AtomicU64>,
     min_off: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    read: Arc<AtomicU64>,
     boot: FakeBoot,
     before: Vec<u8>,
+    medium: Medium,
+}
+
+/// How a test disk reads past the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Medium {
+    /// A `FileDevice`'s reader: `O_DIRECT` where the filesystem allows it.
+    Direct,
+    /// A `FileDevice` opened without `O_DIRECT`: drop the range, then read it.
+    Buffered,
+    /// No uncached reader at all.
+    None,
 }
 
 impl Env {
@@ -195,7 +227,9 @@ impl Env {
             max_end: Arc::new(AtomicU64::new(0)),
             min_off: Arc::new(AtomicU64::new(u64::MAX)),
             written: Arc::new(AtomicU64::new(0)),
+            read: Arc::new(AtomicU64::new(0)),
             before,
+            medium: Medium::Direct,
         }
     }
 
@@ -213,7 +247,13 @@ impl Env {
             min_off: self.min_off.clone(),
             corrupt_writes,
             written: self.written.clone(),
+            read: self.read.clone(),
             slow,
+            medium: match self.medium {
+                Medium::Direct => Some(FileDevice::open_read_only(&self.path).unwrap()),
+                Medium::Buffered => Some(FileDevice::open_buffered(&self.path).unwrap()),
+                Medium::None => None,
+            },
         }))
     }
 
@@ -320,9 +360,7 @@ async fn raw_image_is_written_flushed_and_read_back_uncached() {
     let mut env = Env::new();
     let image = noise((5 * MIB + 4096 + 100) as usize, 7);
     let src = BytesSource::new("mem://root.img", image.clone(), 100_000);
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, events, records) = run(
         &mut env,
         plan(vec![raw_target(&image, Box::new(src))]),
@@ -380,9 +418,7 @@ async fn zstd_image_is_decompressed_hashed_and_written() {
     let image = compressible((6 * MIB + 333) as usize);
     let wire = zstd::encode_all(&image[..], 3).unwrap();
     assert!(wire.len() < image.len() / 4);
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, records) = run(
         &mut env,
         plan(vec![zstd_target(&image, &wire, 7000)]),
@@ -674,9 +710,7 @@ async fn readback_mismatch_through_device_and_uncached() {
         &image,
         Box::new(BytesSource::new("mem://root", image.clone(), 65536)),
     );
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, true).await;
     let e = r.unwrap_err();
     assert_eq!(e.kind(), "readback_mismatch", "{e}");
@@ -800,9 +834,7 @@ async fn interrupted_raw_install_resumes_from_the_last_checkpoint() {
     let mut env = Env::new();
     let image = noise((5 * MIB + 512) as usize, 11);
     let (src, _) = flaky(&image, Some((3 * MIB + 300_000) as usize), false);
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, records) = run(
         &mut env,
         plan(vec![raw_target(&image, Box::new(src))]),
@@ -825,6 +857,92 @@ async fn interrupted_raw_install_resumes_from_the_last_checkpoint() {
     assert_eq!(report.targets[0].resumed_from, 3 * MIB);
     assert_eq!(fetched.load(Ordering::SeqCst), image.len() as u64 - 3 * MIB);
     assert!(events.iter().any(|e| e.phase == Phase::Rehashing));
+    assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
+    env.assert_outside_b_untouched();
+}
+
+/// Serves `data` up to `stall_at`, then never answers again (a server that stopped sending).
+struct StallingSource {
+    data: Bytes,
+    pos: usize,
+    stall_at: usize,
+}
+
+impl ImageSource for StallingSource {
+    fn describe(&self) -> String {
+        "http://test/root.img".into()
+    }
+    fn etag(&self) -> Option<String> {
+        Some("\"v1\"".into())
+    }
+    fn resume_from(&mut self, _: u64, _: Option<&str>) -> Result<(), SourceError> {
+        unreachable!("the first run does not resume")
+    }
+    fn next_chunk(&mut self) -> ChunkFuture<'_> {
+        if self.pos >= self.stall_at {
+            return Box::pin(std::future::pending());
+        }
+        let end = (self.pos + 100_000).min(self.stall_at);
+        let c = self.data.slice(self.pos..end);
+        self.pos = end;
+        Box::pin(std::future::ready(Ok(Some(SourceChunk::Data(c)))))
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_install_stops_while_stalled_keeps_its_checkpoints_and_resumes() {
+    let mut env = Env::new();
+    let image = noise((5 * MIB) as usize, 13);
+    let src = StallingSource {
+        data: Bytes::from(image.clone()),
+        pos: 0,
+        stall_at: (3 * MIB) as usize,
+    };
+    let cancel = CancelToken::default();
+    let opts = InstallOptions {
+        cancel: Some(cancel.clone()),
+        ..small_opts(Readback::Uncached)
+    };
+    let dev = env.device(false, false);
+    let mut records: Vec<ResumeRecord> = Vec::new();
+    // Cancelled once all the bytes the source will ever send are written: the pipeline is
+    // then waiting on a chunk that never comes, and only the token can stop it.
+    let r = install(
+        plan(vec![raw_target(&image, Box::new(src))]),
+        dev,
+        &mut env.boot,
+        &opts,
+        &mut records,
+        &mut |e| {
+            if e.phase == Phase::Writing && e.done >= 3 * MIB {
+                cancel.cancel();
+            }
+        },
+    )
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), "install_cancelled", "{e}");
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    env.assert_disabled_before_first_write();
+    assert!(!env.boot.slot_bootable(SlotId::B));
+    env.assert_outside_b_untouched();
+    let last = records
+        .last()
+        .expect("no checkpoint before the cancel")
+        .clone();
+    assert!(last.written >= 2 * MIB && !last.complete, "{last:?}");
+
+    // The next run continues from the kept checkpoint.
+    let (src, fetched) = flaky(&image, None, false);
+    let mut t = raw_target(&image, Box::new(src));
+    t.resume = Some(last.resume_point());
+    let opts = small_opts(Readback::Uncached);
+    let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
+    assert_eq!(r.unwrap().targets[0].resumed_from, last.written);
+    assert_eq!(
+        fetched.load(Ordering::SeqCst),
+        image.len() as u64 - last.written
+    );
     assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
     env.assert_outside_b_untouched();
 }
@@ -866,9 +984,7 @@ async fn complete_record_reuses_the_verified_bytes_on_disk() {
     let mut env = Env::new();
     let image = noise((2 * MIB) as usize, 13);
     let (src, _) = flaky(&image, None, false);
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, records) = run(
         &mut env,
         plan(vec![raw_target(&image, Box::new(src))]),
@@ -968,9 +1084,9 @@ async fn download_cannot_run_ahead_of_a_slow_disk_by_more_than_the_channel() {
     .await;
     r.unwrap();
     // In flight at most: the channel, the buffer waiting to enter it, the one the decode stage
-    // holds, its fill buffer, the disk stage's queue slot and the block being written, and one
-    // source chunk.
-    let bound = (opts.channel_capacity as u64 + 5) * opts.buffer_size as u64 + chunk as u64;
+    // holds, its fill buffer, the disk stage's queue slot and the block being written, the
+    // disk stage's write batch of four buffers, and one source chunk.
+    let bound = (opts.channel_capacity as u64 + 9) * opts.buffer_size as u64 + chunk as u64;
     assert!(
         max_ahead > 0 && max_ahead <= bound,
         "ran ahead {max_ahead} > {bound}"
@@ -1022,6 +1138,7 @@ async fn manifest_entry_and_resolved_partition_make_a_target() {
         compression: Compression::Zstd,
         compressed_size: wire.len() as u64,
         compressed_sha256: hex::encode(sha(&wire)),
+        chunk_index: None,
     };
     let part = update_agent::disk::slots::Partition {
         number: 4,
@@ -1034,7 +1151,7 @@ async fn manifest_entry_and_resolved_partition_make_a_target() {
         label: "USR-B".into(),
     };
     let src = Box::new(BytesSource::new("usr.img.zst", wire.clone(), 65536));
-    let t = TargetImage::from_entry(SlotId::B, &entry, &part, src).unwrap();
+    let t = TargetImage::from_entry(&entry, &digests_of(&entry), &part, src);
     let (r, _, _) = run(
         &mut env,
         plan(vec![t]),
@@ -1044,21 +1161,13 @@ async fn manifest_entry_and_resolved_partition_make_a_target() {
     .await;
     r.unwrap();
     assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
-
-    let bad = updater_proto::ImageEntry {
-        sha256: "zz".into(),
-        ..entry
-    };
-    let src = Box::new(BytesSource::new("x", wire, 65536));
-    let e = TargetImage::from_entry(SlotId::B, &bad, &part, src).unwrap_err();
-    assert_eq!(e.kind(), "invalid_plan");
-    assert!(e.to_string().contains("usr: sha256"), "{e}");
 }
 
 #[tokio::test]
 async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply() {
-    // A partition at an offset that is not sector aligned cannot be read with O_DIRECT.
+    // A device whose filesystem refuses O_DIRECT, with a partition at an unaligned offset.
     let mut env = Env::new();
+    env.medium = Medium::Buffered;
     let image = noise((MIB + 1000) as usize, 31);
     let mut t = raw_target(
         &image,
@@ -1066,9 +1175,7 @@ async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply(
     );
     t.part_offset = B_OFF + 100;
     t.part_len = PART - 100;
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
     assert_eq!(
         r.unwrap().targets[0].readback,
@@ -1078,15 +1185,14 @@ async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply(
 
     // ... and a corrupted write is still caught that way.
     let mut env = Env::new();
+    env.medium = Medium::Buffered;
     let mut t = raw_target(
         &image,
         Box::new(BytesSource::new("mem://odd", image.clone(), 65536)),
     );
     t.part_offset = B_OFF + 100;
     t.part_len = PART - 100;
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, true).await;
     let e = r.unwrap_err();
     assert!(
@@ -1102,6 +1208,52 @@ async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply(
     assert!(!env.boot.slot_bootable(SlotId::B));
 }
 
+/// The read-back goes through the `BlockDevice`: on a device without an uncached reader,
+/// `Uncached` reads through `read_at` (never by reopening the disk) and still catches a
+/// corrupted write.
+#[tokio::test]
+async fn uncached_readback_without_a_medium_reader_reads_through_the_device() {
+    let image = noise((2 * MIB + 700) as usize, 33);
+    for corrupt in [false, true] {
+        let mut env = Env::new();
+        env.medium = Medium::None;
+        let t = raw_target(
+            &image,
+            Box::new(BytesSource::new("mem://dev", image.clone(), 65536)),
+        );
+        let (r, _, _) = run(
+            &mut env,
+            plan(vec![t]),
+            &small_opts(Readback::Uncached),
+            corrupt,
+        )
+        .await;
+        assert!(
+            env.read.load(Ordering::SeqCst) >= image.len() as u64,
+            "read back {} of {} bytes through the device",
+            env.read.load(Ordering::SeqCst),
+            image.len()
+        );
+        if corrupt {
+            let e = r.unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    InstallError::ReadbackMismatch {
+                        method: ReadbackMethod::Device,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            assert!(!env.boot.slot_bootable(SlotId::B));
+        } else {
+            assert_eq!(r.unwrap().targets[0].readback, Some(ReadbackMethod::Device));
+        }
+        env.assert_outside_b_untouched();
+    }
+}
+
 #[tokio::test]
 async fn image_filling_its_partition_with_an_unaligned_tail_reads_back_without_leaving_it() {
     // The last 300 bytes of the image end exactly at the partition end: an O_DIRECT read
@@ -1114,9 +1266,7 @@ async fn image_filling_its_partition_with_an_unaligned_tail_reads_back_without_l
         Box::new(BytesSource::new("mem://full", image.clone(), 65536)),
     );
     t.part_len = image.len() as u64;
-    let opts = small_opts(Readback::Uncached {
-        path: env.path.clone(),
-    });
+    let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
     assert_eq!(r.unwrap().targets[0].readback, Some(ReadbackMethod::Direct));
     assert!(env.disk()[B_OFF as usize..B_OFF as usize + image.len()] == image[..]);
@@ -1129,10 +1279,9 @@ async fn image_filling_its_partition_with_an_unaligned_tail_reads_back_without_l
 #[tokio::test]
 async fn real_gpt_and_gptprio_failed_install_leaves_b_unbootable_and_a_untouched() {
     use update_agent::boot::gptprio::GptPrio;
-    use update_agent::disk::testimg::{
+    use update_agent_sandbox::testimg::{
         cgpt_field, require_tool, run as tool, sgdisk_verify, Layout,
     };
-    use update_agent::disk::FileDevice;
     if !require_tool("sgdisk", "gdisk").unwrap() || !require_tool("cgpt", "cgpt").unwrap() {
         return;
     }
@@ -1177,20 +1326,21 @@ async fn real_gpt_and_gptprio_failed_install_leaves_b_unbootable_and_a_untouched
         compression: Compression::None,
         compressed_size: image.len() as u64,
         compressed_sha256: hex::encode(sha256),
+        chunk_index: None,
     };
     let opts = InstallOptions {
-        readback: Readback::Uncached { path: path.clone() },
+        readback: Readback::Uncached,
         ..small_opts(Readback::Off)
     };
     let mut bad = sha(&image);
     bad[0] ^= 1;
+    let e = entry(bad);
     let t = TargetImage::from_entry(
-        SlotId::B,
-        &entry(bad),
+        &e,
+        &digests_of(&e),
         &b,
         Box::new(BytesSource::new("usr.img", image.clone(), 65536)),
-    )
-    .unwrap();
+    );
     let dev: Arc<Mutex<dyn BlockDevice>> = Arc::new(Mutex::new(FileDevice::open(&path).unwrap()));
     let p = InstallPlan {
         slot: SlotId::B,
@@ -1217,13 +1367,13 @@ async fn real_gpt_and_gptprio_failed_install_leaves_b_unbootable_and_a_untouched
     );
     assert_eq!(boot.status().unwrap().next, Some(SlotId::A));
 
+    let e = entry(sha(&image));
     let t = TargetImage::from_entry(
-        SlotId::B,
-        &entry(sha(&image)),
+        &e,
+        &digests_of(&e),
         &b,
         Box::new(BytesSource::new("usr.img", image.clone(), 65536)),
-    )
-    .unwrap();
+    );
     let p = InstallPlan {
         slot: SlotId::B,
         device: "flatcar.img".into(),
@@ -1248,5 +1398,363 @@ async fn real_gpt_and_gptprio_failed_install_leaves_b_unbootable_and_a_untouched
     assert_eq!(
         sha(&disk[a.byte_offset as usize..(a.byte_offset + a.byte_len) as usize]),
         a_before
+    );
+}
+
+// ---- Direct I/O on a real FileDevice (issue 15) ----
+
+use update_agent::disk::Bypass;
+
+/// (offset, length, memory misalignment) cases: aligned, unaligned head, unaligned tail,
+/// both, inside one sector, from unaligned memory, larger than the bounce buffer.
+const RANGES: [(u64, usize, usize); 7] = [
+    (4096, 65536, 0),
+    (4096 + 100, 5000, 0),
+    (512 * 3, 512 * 9 + 7, 0),
+    (1000, 100, 0),
+    (512 * 7, 512 * 33, 3),
+    (MIB - 1, (2 * MIB) as usize + 515, 1),
+    (0, 1536, 0),
+];
+
+/// Pages of `path` resident in the page cache, by `fincore` (util-linux), independently of us.
+fn resident_bytes(path: &std::path::Path) -> Option<u64> {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Write each of [`RANGES`] through `dev` (opened on `path`, which `read_medium` reads
+/// independently), flush, and check that the written pages are not left in the cache, that
+/// exactly those bytes changed, and that the uncached reader returns them.
+fn exercise(mut dev: FileDevice, path: &std::path::Path, read_medium: &dyn Fn() -> Vec<u8>) {
+    let mut expect = read_medium();
+    let size = dev.size();
+    for (i, (off, len, skew)) in RANGES.into_iter().enumerate() {
+        dev.drop_cache(0, size).unwrap();
+        let data = noise(len + skew, 1000 + i as u64);
+        dev.write_at(&data[skew..], off).unwrap();
+        dev.flush().unwrap();
+        if let Some(res) = resident_bytes(path) {
+            // Direct writes never enter the cache; buffered pieces are dropped at the flush.
+            assert_eq!(
+                res,
+                0,
+                "range {i}: {res} bytes of {} cached",
+                path.display()
+            );
+        }
+        expect[off as usize..off as usize + len].copy_from_slice(&data[skew..]);
+        let now = read_medium();
+        assert!(now == expect, "range {i} ({off}+{len}): disk differs");
+        let reader = dev.uncached_reader().unwrap().unwrap();
+        assert_eq!(reader.bypass(), dev.write_bypass());
+        let mut back = vec![0u8; len + 5];
+        reader.read_at(&mut back[5 - skew..][..len], off).unwrap();
+        assert!(
+            back[5 - skew..][..len] == data[skew..],
+            "range {i}: read-back"
+        );
+    }
+}
+
+/// A noise-filled image file of `len` bytes under `dir`, with nothing of it in the cache.
+fn cold_image(dir: &std::path::Path, len: u64) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, noise(len as usize, 7)).unwrap();
+    let f = File::open(&path).unwrap();
+    f.sync_all().unwrap();
+    FileDevice::open_read_only(&path)
+        .unwrap()
+        .drop_cache(0, len)
+        .unwrap();
+    path
+}
+
+#[test]
+fn image_file_takes_aligned_and_unaligned_writes_exactly_with_o_direct() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = cold_image(dir.path(), 4 * MIB);
+    let dev = FileDevice::open(&path).unwrap();
+    assert_eq!(dev.write_bypass(), Bypass::Direct, "ext4 takes O_DIRECT");
+    exercise(dev, &path, &|| std::fs::read(&path).unwrap());
+}
+
+#[test]
+fn buffered_writes_are_exact_and_leave_no_pages_cached() {
+    // The path taken where the kernel refuses O_DIRECT, forced on an ordinary file system.
+    let dir = tempfile::tempdir().unwrap();
+    let path = cold_image(dir.path(), 4 * MIB);
+    let dev = FileDevice::open_buffered(&path).unwrap();
+    assert_eq!(dev.write_bypass(), Bypass::DropCache);
+    exercise(dev, &path, &|| std::fs::read(&path).unwrap());
+}
+
+/// Run `cmd` with `args`; `Err` with its stderr when it fails or cannot start.
+fn sh(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn ramfs_refuses_o_direct_and_the_device_falls_back_to_buffered_writes() {
+    // tmpfs accepts O_DIRECT since Linux 6.6; ramfs still refuses it (EINVAL on open).
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("ramfs");
+    std::fs::create_dir(&mnt).unwrap();
+    if let Err(e) = sh("mount", &["-t", "ramfs", "ramfs", mnt.to_str().unwrap()]) {
+        eprintln!("skipping: cannot mount ramfs (needs root): {e}");
+        return;
+    }
+    let result = std::panic::catch_unwind(|| {
+        let path = mnt.join("disk.img");
+        std::fs::write(&path, noise((4 * MIB) as usize, 7)).unwrap();
+        let dev = FileDevice::open(&path).unwrap();
+        assert_eq!(dev.write_bypass(), Bypass::DropCache);
+        let mut expect = std::fs::read(&path).unwrap();
+        let mut dev = dev;
+        for (i, (off, len, skew)) in RANGES.into_iter().enumerate() {
+            let data = noise(len + skew, 2000 + i as u64);
+            dev.write_at(&data[skew..], off).unwrap();
+            dev.flush().unwrap();
+            expect[off as usize..off as usize + len].copy_from_slice(&data[skew..]);
+            let r = dev.uncached_reader().unwrap().unwrap();
+            assert_eq!(r.bypass(), Bypass::DropCache);
+            let mut back = vec![0u8; len];
+            r.read_at(&mut back, off).unwrap();
+            assert!(back == data[skew..]);
+        }
+        assert!(std::fs::read(&path).unwrap() == expect);
+    });
+    let _ = sh("umount", &[mnt.to_str().unwrap()]);
+    result.unwrap();
+}
+
+/// Attach `path` to a free loop device with direct I/O on the backing file; `None` (and why)
+/// when this process may not.
+fn attach_loop(path: &std::path::Path) -> Option<String> {
+    match sh(
+        "losetup",
+        &["--find", "--show", "--direct-io=on", path.to_str()?],
+    ) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipping: cannot attach a loop device (needs root and /dev/loop*): {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn loop_device_takes_aligned_and_unaligned_writes_exactly_with_o_direct() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = cold_image(dir.path(), 4 * MIB);
+    let Some(loopdev) = attach_loop(&path) else {
+        return;
+    };
+    let result = std::panic::catch_unwind(|| {
+        let dev = FileDevice::open(&loopdev).unwrap();
+        assert_eq!(dev.size(), 4 * MIB);
+        assert_eq!(dev.write_bypass(), Bypass::Direct);
+        let read = || {
+            let f = File::open(&loopdev).unwrap();
+            let mut v = vec![0u8; (4 * MIB) as usize];
+            f.read_exact_at(&mut v, 0).unwrap();
+            v
+        };
+        exercise(dev, std::path::Path::new(&loopdev), &read);
+    });
+    let _ = sh("losetup", &["-d", &loopdev]);
+    result.unwrap();
+}
+
+/// A FileDevice that remembers how far its writes reached and how far the last flush covered.
+struct Flushes {
+    inner: FileDevice,
+    /// (end of the furthest write, end covered by the last flush)
+    state: Arc<Mutex<(u64, u64)>>,
+}
+
+impl BlockDevice for Flushes {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)?;
+        let mut s = self.state.lock().unwrap();
+        s.0 = s.0.max(offset + buf.len() as u64);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()?;
+        let mut s = self.state.lock().unwrap();
+        s.1 = s.0;
+        Ok(())
+    }
+    fn uncached_reader(&self) -> Option<io::Result<update_agent::disk::UncachedReader>> {
+        self.inner.uncached_reader()
+    }
+}
+
+/// Resume records with the flushed end at the moment each was recorded.
+struct DurableSink {
+    state: Arc<Mutex<(u64, u64)>>,
+    seen: Vec<(ResumeRecord, u64)>,
+}
+
+impl update_agent::install::ResumeSink for DurableSink {
+    fn record(
+        &mut self,
+        rec: &ResumeRecord,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let flushed = self.state.lock().unwrap().1;
+        self.seen.push((rec.clone(), flushed));
+        Ok(())
+    }
+}
+
+/// Install `image` into a real image file through FileDevice at `part_offset` (`part_len`
+/// long) with uncached read-back; returns the report, the records with the flushed end at
+/// each, and the disk before and after.
+async fn install_on_file(
+    image: &[u8],
+    part_offset: u64,
+    part_len: u64,
+) -> (
+    update_agent::install::InstallReport,
+    Vec<(ResumeRecord, u64)>,
+    Vec<u8>,
+    Vec<u8>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = cold_image(dir.path(), DISK);
+    let before = std::fs::read(&path).unwrap();
+    let state = Arc::new(Mutex::new((0, 0)));
+    let dev: Arc<Mutex<dyn BlockDevice>> = Arc::new(Mutex::new(Flushes {
+        inner: FileDevice::open(&path).unwrap(),
+        state: state.clone(),
+    }));
+    let mut t = raw_target(
+        image,
+        Box::new(BytesSource::new("mem://root", image.to_vec(), 65536)),
+    );
+    t.part_offset = part_offset;
+    t.part_len = part_len;
+    let mut boot = FakeBoot {
+        log: Log::default(),
+        disabled: Vec::new(),
+    };
+    let mut sink = DurableSink {
+        state,
+        seen: Vec::new(),
+    };
+    let opts = small_opts(Readback::Uncached);
+    let r = install(plan(vec![t]), dev, &mut boot, &opts, &mut sink, &mut |_| {})
+        .await
+        .unwrap();
+    (r, sink.seen, before, std::fs::read(&path).unwrap())
+}
+
+#[tokio::test]
+async fn install_into_aligned_and_unaligned_partitions_of_an_image_file_reads_back_direct() {
+    for (i, (off, len, size)) in [
+        (B_OFF, PART, 3 * MIB),
+        (B_OFF, PART, 3 * MIB + 300),
+        (B_OFF + 100, PART - 100, 2 * MIB + 1000),
+        (B_OFF + 512, 3 * MIB + 300, 3 * MIB + 300),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let image = noise(size as usize, 300 + i as u64);
+        let (r, records, before, after) = install_on_file(&image, off, len).await;
+        let t = &r.targets[0];
+        assert_eq!(t.readback, Some(ReadbackMethod::Direct), "case {i}");
+        let (o, e) = (off as usize, (off + len) as usize);
+        assert!(after[o..o + image.len()] == image[..], "case {i}: image");
+        assert!(
+            after[o + image.len()..e] == before[o + image.len()..e],
+            "case {i}: tail"
+        );
+        assert!(after[..o] == before[..o], "case {i}: before the partition");
+        assert!(after[e..] == before[e..], "case {i}: after the partition");
+        // Every checkpoint was recorded only once the device had flushed that far.
+        assert!(records.len() >= 3, "case {i}: {} records", records.len());
+        for (rec, flushed) in &records {
+            assert!(
+                off + rec.written <= *flushed,
+                "case {i}: record of {} bytes before the flush reached them ({flushed})",
+                rec.written
+            );
+        }
+        assert!(records.last().unwrap().0.complete);
+    }
+}
+
+#[tokio::test]
+async fn stage_timings_are_in_the_report_and_its_json() {
+    let image = noise((3 * MIB) as usize, 400);
+    let (r, _, _, _) = install_on_file(&image, B_OFF, PART).await;
+    let s = r.targets[0].stages;
+    for (name, d) in [
+        ("download", s.download),
+        ("hash", s.hash),
+        ("write", s.write),
+        ("flush", s.flush),
+        ("readback", s.readback),
+    ] {
+        assert!(d > std::time::Duration::ZERO, "{name} took no time: {s:?}");
+    }
+    assert_eq!(
+        s.decode,
+        std::time::Duration::ZERO,
+        "raw image: nothing decoded"
+    );
+    let json = serde_json::to_value(&r.targets[0]).unwrap();
+    for k in ["download", "decode", "hash", "write", "flush", "readback"] {
+        let key = format!("{k}_ms");
+        assert!(
+            json["stages"][&key].is_u64(),
+            "stages.{key} missing in {json}"
+        );
+    }
+    assert_eq!(
+        json["stages"]["write_ms"].as_u64().unwrap(),
+        update_agent::jsonout::millis::to_ms(s.write)
+    );
+    assert_eq!(
+        json["write_ms"].as_u64().unwrap(),
+        update_agent::jsonout::millis::to_ms(r.targets[0].write_time)
+    );
+    // And a zstd image spends time decoding.
+    let mut env = Env::new();
+    let image = compressible((2 * MIB) as usize);
+    let wire = zstd::encode_all(&image[..], 3).unwrap();
+    let (r, _, _) = run(
+        &mut env,
+        plan(vec![zstd_target(&image, &wire, 4096)]),
+        &small_opts(Readback::Device),
+        false,
+    )
+    .await;
+    let s = r.unwrap().targets[0].stages;
+    assert!(
+        s.decode > std::time::Duration::ZERO && s.hash > std::time::Duration::ZERO,
+        "{s:?}"
     );
 }

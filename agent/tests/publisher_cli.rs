@@ -353,3 +353,106 @@ fn operator_mistakes_are_refused_with_their_kind() {
         "policy_threshold_above_keys",
     );
 }
+
+/// `image --chunked`: one zstd stream that the real `zstd -d` decodes to the image, an index
+/// the agent's parser accepts, and a manifest that becomes schema version 2 and verifies.
+#[test]
+fn chunked_image_gives_a_v2_manifest_and_a_plain_zstd_stream() {
+    let r = Repo::new();
+    r.keygen("k1");
+    let root: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 27) as u8)
+        .collect();
+    std::fs::write(r.p("root.raw"), &root).unwrap();
+    let stdout = ok(&[
+        "image",
+        "--input",
+        s(&r.p("root.raw")),
+        "--out-dir",
+        s(&r.p("repo")),
+        "--role",
+        "root",
+        "--chunked",
+        "--chunk-sizes",
+        "2048/8192/32768",
+        "--entry-out",
+        s(&r.p("root.entry.json")),
+    ]);
+    let entry: updater_proto::ImageEntry = serde_json::from_str(&stdout).unwrap();
+    let ix_ref = entry.chunk_index.clone().expect("a chunk index");
+    let ix_bytes = std::fs::read(r.p("repo").join(&ix_ref.url)).unwrap();
+    let ix =
+        updater_proto::ChunkIndex::parse(&ix_bytes, entry.size, entry.compressed_size).unwrap();
+    assert_eq!(ix.params.avg, 8192);
+    assert!(ix.chunks.len() > 100, "{} chunks", ix.chunks.len());
+    if update_agent_sandbox::testimg::require_tool("zstd", "zstd").unwrap() {
+        let out = Command::new("zstd")
+            .args(["-d", "-c"])
+            .arg(r.p("repo").join(&entry.url))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout == root,
+            "zstd -d of the chunked file is not the image"
+        );
+    }
+
+    let manifest = r.p("repo/manifest.json");
+    ok(&[
+        "manifest",
+        "--out",
+        s(&manifest),
+        "--key",
+        s(&r.p("k1.pk8")),
+        "--product",
+        "acme-edge",
+        "--channel",
+        "stable",
+        "--version",
+        "3.0.0",
+        "--serial",
+        "1",
+        "--expires-in",
+        "7d",
+        "--image",
+        s(&r.p("root.entry.json")),
+    ]);
+    ok(&[
+        "verify",
+        s(&manifest),
+        "--trusted",
+        s(&r.p("k1.pub")),
+        "--product",
+        "acme-edge",
+    ]);
+    let env: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let payload = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        env["payload"].as_str().unwrap(),
+    )
+    .unwrap();
+    let m: updater_proto::Manifest = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(m.schema_version, updater_proto::SCHEMA_VERSION_CHUNKED);
+    assert_eq!(m.images[0].chunk_index.as_ref(), Some(&ix_ref));
+
+    // Chunk sizes the index could not carry are refused up front.
+    let out = publish(&[
+        "image",
+        "--input",
+        s(&r.p("root.raw")),
+        "--out-dir",
+        s(&r.p("repo")),
+        "--role",
+        "root",
+        "--chunked",
+        "--chunk-sizes",
+        "64/256/1024",
+    ]);
+    assert!(!out.status.success());
+}

@@ -6,8 +6,8 @@
 use std::process::Command;
 
 use update_agent::boot::SlotId;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, World};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, World};
 
 fn status(world: &World, json: bool) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_update-agent"));

@@ -9,9 +9,9 @@ use e2e_tests::{
     state, world,
 };
 use update_agent::boot::SlotId;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, PublishSpec, World, PRODUCT};
 use update_agent::state::{HistoryEvent, InstallLock, Phase, StateStore};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, PublishSpec, World, PRODUCT};
 use updater_proto::Compression;
 
 const SLOT_MIB: u64 = 8;

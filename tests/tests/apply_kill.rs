@@ -19,9 +19,9 @@ use update_agent::host::Host;
 use update_agent::install::{ResumeRecord, DEFAULT_CHECKPOINT_BYTES};
 use update_agent::ops::apply::{apply, ApplyOptions};
 use update_agent::ops::resume::RESUME_FILE;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, PublishSpec};
 use update_agent::state::Phase;
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, PublishSpec};
 use updater_proto::Compression;
 
 const CHILD_ENV: &str = "E2E_CHILD_CONFIG";
@@ -43,8 +43,19 @@ fn main() {
         println!("{name}: test");
         return;
     }
-    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+    // `--skip PATTERN` takes a value, which is not a filter.
+    let mut filters: Vec<&String> = Vec::new();
+    let mut skips: Vec<&String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--skip" {
+            skips.extend(it.next());
+        } else if !a.starts_with('-') {
+            filters.push(a);
+        }
+    }
+    let skipped = skips.iter().any(|s| name.contains(s.as_str()));
+    if skipped || (!filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str()))) {
         println!("test result: ok. 0 passed; 1 filtered out");
         return;
     }

@@ -9,9 +9,9 @@ use e2e_tests::{
     apply_default, assert_slot_holds, cgpt_flags, have_tool, snapshot, state, world, SlotSnapshot,
 };
 use update_agent::boot::SlotId;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, World};
 use update_agent::state::Phase;
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, World};
 
 async fn install_and_boot(preset: Preset, backend: Backend) {
     let (_dir, mut world) = world(preset, backend, 12).await;
@@ -69,7 +69,9 @@ async fn install_and_boot(preset: Preset, backend: Backend) {
 /// Tools nobody here wrote agree that what we wrote is well-formed.
 fn check_with_tools(world: &World) {
     match world.backend {
-        Backend::Gptprio => {
+        // With bls, uboot and efi the flags live elsewhere, but the slots are still GPT
+        // partitions.
+        Backend::Gptprio | Backend::Bls | Backend::Uboot | Backend::Efi => {
             if have_tool("sgdisk", "gdisk") {
                 let out = Command::new("sgdisk")
                     .arg("-v")

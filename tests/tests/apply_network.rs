@@ -10,9 +10,9 @@ use e2e_tests::{
 use server_mock::{Fault, FaultRule, LogEntry};
 use update_agent::boot::SlotId;
 use update_agent::ops::apply::ApplyReport;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, PublishSpec, Release, World};
 use update_agent::state::Phase;
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, PublishSpec, Release, World};
 use updater_proto::Compression;
 
 const SLOT_MIB: u64 = 8;

@@ -15,9 +15,9 @@ use server_mock::{Fault, FaultRule, LogEntry};
 use update_agent::boot::SlotId;
 use update_agent::install::{ResumeRecord, DEFAULT_CHECKPOINT_BYTES};
 use update_agent::ops::resume::RESUME_FILE;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, PublishSpec, Release, World};
 use update_agent::state::Phase;
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, PublishSpec, Release, World};
 use updater_proto::Compression;
 
 const MIB: u64 = 1 << 20;
@@ -38,7 +38,8 @@ fn resume_records(world: &World) -> Vec<ResumeRecord> {
 }
 
 /// First apply: the server cuts the connection with `fault(wire size)` and the agent may not
-/// retry (`max_attempts = 1`), so it fails after a checkpoint; a reboot boots slot A.
+/// retry (`max_attempts = 1`), so it fails after a checkpoint; a reboot boots slot A and its
+/// health check confirms it.
 async fn interrupted(
     backend: Backend,
     slot_mib: u64,
@@ -62,6 +63,12 @@ async fn interrupted(
     assert!(matches!(kind, "truncated" | "transport"), "{result:?}");
     let err = assert_clean_failure(&world, result, kind, &a_before);
     assert_eq!(fetch_source_kind(&err), Some(kind), "{err}");
+    // That reboot's health check runs as on every boot (update-agent-health.service) and
+    // confirms slot A. Without it, grubenv's A_TRY still counts the unconfirmed boot, and
+    // staging B would rightly be refused: a failed trial of B would strand the host in
+    // GRUB's rescue entry instead of falling back to A.
+    let confirmed = world.health_check().unwrap();
+    assert!(confirmed.healthy(), "{}", confirmed.render());
     (dir, world, release)
 }
 

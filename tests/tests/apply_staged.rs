@@ -7,9 +7,9 @@ use e2e_tests::{apply_default, assert_slot_holds, snapshot, state, world};
 use server_mock::{Fault, FaultRule};
 use update_agent::boot::SlotId;
 use update_agent::health::journal::RunOutcome;
-use update_agent::sandbox::disk_image::Preset;
-use update_agent::sandbox::world::{Backend, Release, World};
 use update_agent::state::{HistoryEvent, Phase};
+use update_agent_sandbox::disk_image::Preset;
+use update_agent_sandbox::world::{Backend, Release, World};
 
 /// 2.0.0 applied and staged in slot B; the host still runs A.
 async fn staged(backend: Backend) -> (tempfile::TempDir, World, Release) {
@@ -96,7 +96,7 @@ async fn apply_during_the_trial_boot_is_refused_and_the_fallback_kept() {
     world.publish("3.0.0", Vec::new()).unwrap();
     world.server.clear_log();
     let err = apply_default(&world).await.unwrap_err();
-    assert_eq!(err.kind(), "refused", "{err}");
+    assert_eq!(err.kind(), "trial_in_progress", "{err}");
     assert!(err.to_string().contains("trial"), "{err}");
     assert!(
         world
@@ -106,7 +106,7 @@ async fn apply_during_the_trial_boot_is_refused_and_the_fallback_kept() {
             .all(|e| e.path == "/manifest.json"),
         "nothing was downloaded"
     );
-    assert_still_staged(&world, "refused");
+    assert_still_staged(&world, "trial_in_progress");
     assert_eq!(
         snapshot(&world, SlotId::A),
         a_before,

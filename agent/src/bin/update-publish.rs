@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use semver::Version;
 use update_agent::publish::{self, PublishError};
 use updater_proto::{Compression, Manifest, VerifyContext, SCHEMA_VERSION};
@@ -22,6 +22,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write the man pages (section 1) and shell completions into a directory (packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Directory to write man/man1/ and completions/{bash,zsh,fish}/ under.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generate an ed25519 signing key (PKCS#8, mode 0600) and its public key file.
     Keygen {
         /// Private key file to write.
@@ -54,6 +61,14 @@ enum Command {
         /// Also write the entry JSON to this file (input for `manifest --image`).
         #[arg(long)]
         entry_out: Option<PathBuf>,
+        /// Publish for delta updates: one zstd frame per content-defined chunk plus a chunk
+        /// index (needs zstd; the manifest becomes schema version 2). See docs/delta.md.
+        #[arg(long)]
+        chunked: bool,
+        /// Chunk sizes MIN/AVG/MAX in bytes for --chunked (default measured on Debian images:
+        /// docs/benchmarks.md, delta benchmark).
+        #[arg(long, default_value = "2048/8192/32768", value_parser = parse_chunk_sizes)]
+        chunk_sizes: updater_proto::ChunkParams,
     },
     /// Build a manifest and sign it with one or more keys.
     Manifest {
@@ -91,6 +106,23 @@ enum Command {
         #[arg(long)]
         min_version: Option<Version>,
     },
+    /// Pack a signed manifest, the images it names and the trust roots beside it into one
+    /// offline bundle for `update-agent apply --bundle` (docs/bundles.md). The bundle
+    /// expires with its manifest: sign that manifest with a validity that covers its time
+    /// on the shelf (`manifest --expires-in 180d`).
+    Bundle {
+        /// The signed manifest; the files it names are read from its directory.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The bundle file to write (a ustar archive).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Trust roots: key rotation and revocation (docs/security.md, the ceremony).
+    Root {
+        #[command(subcommand)]
+        command: RootCommand,
+    },
     /// Verify a signed manifest against trusted keys; exit 1 with the error kind on failure.
     Verify {
         /// The signed manifest.
@@ -117,6 +149,157 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The two roles of a root, as options (`rotate` keeps a role whose keys are not given).
+#[derive(Debug, clap::Args)]
+struct RootRoles {
+    /// Public key file of a root-signing key; repeatable.
+    #[arg(long = "root-key")]
+    root_keys: Vec<PathBuf>,
+    /// Distinct root keys that must sign the next root.
+    #[arg(long)]
+    root_threshold: Option<usize>,
+    /// Public key file of a manifest-signing key; repeatable.
+    #[arg(long = "manifest-key")]
+    manifest_keys: Vec<PathBuf>,
+    /// Distinct manifest keys that must sign a manifest.
+    #[arg(long)]
+    manifest_threshold: Option<usize>,
+    /// Validity from now, e.g. 365d; publish a new root before it runs out.
+    #[arg(long, default_value = "365d")]
+    expires_in: String,
+    /// Private key to sign with; repeatable.
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RootCommand {
+    /// Write root version 1 (ship it on hosts as [trust] root_file, publish it as 1.root.json).
+    Init {
+        /// Root file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        roles: RootRoles,
+    },
+    /// Write root N+1 from root N; a key left out of a role is revoked.
+    Rotate {
+        /// The current root (N.root.json).
+        #[arg(long)]
+        previous: PathBuf,
+        /// Root file to write (publish as N+1.root.json once signed).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        roles: RootRoles,
+    },
+    /// Add signatures to a root file in place (each key holder in turn).
+    Sign {
+        /// The root file.
+        file: PathBuf,
+        /// Private key to sign with; repeatable.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Check a root as hosts will: alone (root 1) or as the successor of --previous.
+    Verify {
+        /// The root file.
+        file: PathBuf,
+        /// The root it must follow.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+    },
+}
+
+fn role_spec(keys: Vec<PathBuf>, threshold: Option<usize>) -> publish::root::RoleSpec {
+    publish::root::RoleSpec { keys, threshold }
+}
+
+fn describe_root(r: &updater_proto::Root) -> String {
+    format!(
+        "root version {}: root keys {} of {}, manifest keys {} of {}, expires {}",
+        r.version,
+        r.root.threshold,
+        r.root.keys.len(),
+        r.manifest.threshold,
+        r.manifest.keys.len(),
+        publish::format_time(r.expires_at)
+    )
+}
+
+fn run_root(command: RootCommand) -> Result<(), Failure> {
+    let expires = |text: &str| -> Result<i64, Failure> {
+        let validity = publish::parse_duration(text)?;
+        now_unix()
+            .checked_add(validity)
+            .ok_or_else(|| usage("--expires-in: too large".into()))
+    };
+    match command {
+        RootCommand::Init { out, roles } => {
+            let r = publish::root::init_root(
+                &out,
+                &role_spec(roles.root_keys, roles.root_threshold),
+                &role_spec(roles.manifest_keys, roles.manifest_threshold),
+                expires(&roles.expires_in)?,
+                &roles.keys,
+            )?;
+            println!("wrote {} ({})", out.display(), describe_root(&r));
+            match publish::root::verify_root_file(&out, None) {
+                Ok(_) => println!("ready: signed by a threshold of its own root keys"),
+                Err(e) => println!("not ready yet [{}]: {e}; run `root sign`", e.kind()),
+            }
+        }
+        RootCommand::Rotate {
+            previous,
+            out,
+            roles,
+        } => {
+            let r = publish::root::rotate_root(
+                &previous,
+                &out,
+                &role_spec(roles.root_keys, roles.root_threshold),
+                &role_spec(roles.manifest_keys, roles.manifest_threshold),
+                expires(&roles.expires_in)?,
+                &roles.keys,
+            )?;
+            println!("wrote {} ({})", out.display(), describe_root(&r));
+            match publish::root::verify_root_file(&out, Some(&previous)) {
+                Ok(_) => println!("ready: publish it as {}.root.json", r.version),
+                Err(e) => println!("not ready yet [{}]: {e}; run `root sign`", e.kind()),
+            }
+        }
+        RootCommand::Sign { file, keys } => {
+            let env = publish::root::sign_root_file(&file, &keys)?;
+            println!(
+                "{} now has {} signature(s)",
+                file.display(),
+                env.signatures.len()
+            );
+        }
+        RootCommand::Verify { file, previous } => {
+            let t = publish::root::verify_root_file(&file, previous.as_deref())?;
+            println!("OK: {}", describe_root(t.root()));
+            for s in t.signers() {
+                println!("  signer {s}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_chunk_sizes(s: &str) -> Result<updater_proto::ChunkParams, String> {
+    let parts: Vec<u32> = s
+        .split('/')
+        .map(|p| p.parse::<u32>().map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let [min, avg, max] = parts[..] else {
+        return Err(format!("{s:?}: expected MIN/AVG/MAX"));
+    };
+    let p = updater_proto::ChunkParams { min, avg, max };
+    p.validate().map_err(|e| e.to_string())?;
+    Ok(p)
 }
 
 fn now_unix() -> i64 {
@@ -164,6 +347,35 @@ fn print_json(value: &serde_json::Value) {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
+        Command::Root { command } => run_root(command)?,
+        Command::GenerateDocs { out } => {
+            let files =
+                update_agent::cli::docs::generate(Cli::command(), "1", &out).map_err(|e| {
+                    Failure {
+                        kind: "io",
+                        message: format!("writing into {}: {e}", out.display()),
+                    }
+                })?;
+            for f in files {
+                println!("{}", f.display());
+            }
+        }
+        Command::Bundle { manifest, out } => {
+            let b = publish::bundle::write_bundle(&manifest, &out)?;
+            println!(
+                "bundled {} {} serial {} ({} member(s), {} bytes), expires {} with its manifest",
+                b.channel,
+                b.version,
+                b.serial,
+                b.members.len(),
+                b.bytes,
+                publish::format_time(b.expires_at)
+            );
+            for m in &b.members {
+                println!("  {m}");
+            }
+            println!("wrote {}", b.out.display());
+        }
         Command::Keygen {
             private,
             public,
@@ -181,8 +393,17 @@ fn run(command: Command) -> Result<(), Failure> {
             compression,
             level,
             entry_out,
+            chunked,
+            chunk_sizes,
         } => {
-            let entry = publish::prepare_image_level(&input, &out_dir, &role, compression, level)?;
+            let entry = if chunked {
+                if compression != Compression::Zstd {
+                    return Err(usage("--chunked needs --compression zstd".into()));
+                }
+                publish::prepare_chunked_image(&input, &out_dir, &role, level, chunk_sizes)?
+            } else {
+                publish::prepare_image_level(&input, &out_dir, &role, compression, level)?
+            };
             let mut json = serde_json::to_vec_pretty(&entry).unwrap_or_default();
             json.push(b'\n');
             if let Some(path) = entry_out {
@@ -220,8 +441,14 @@ fn run(command: Command) -> Result<(), Failure> {
                 .iter()
                 .map(|k| publish::load_signing_key(k))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Schema v2 only when an entry needs it: v1 agents keep reading the rest.
+            let schema_version = if entries.iter().any(|e| e.chunk_index.is_some()) {
+                updater_proto::SCHEMA_VERSION_CHUNKED
+            } else {
+                SCHEMA_VERSION
+            };
             let manifest = Manifest {
-                schema_version: SCHEMA_VERSION,
+                schema_version,
                 product,
                 channel,
                 version,

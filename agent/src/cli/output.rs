@@ -8,15 +8,22 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
     pub json: bool,
-    /// Progress as JSON lines on stderr (with --json, or when stderr is not a terminal).
-    pub progress_json: bool,
+    /// How install progress is shown on stderr: JSON lines with --json, a bar on a
+    /// terminal, a few plain lines otherwise.
+    pub progress: super::progress::ProgressMode,
 }
 
 impl Output {
     pub fn new(json_flag: bool) -> Output {
         Output {
             json: json_flag,
-            progress_json: json_flag || !std::io::stderr().is_terminal(),
+            progress: if json_flag {
+                super::progress::ProgressMode::Json
+            } else if std::io::stderr().is_terminal() {
+                super::progress::ProgressMode::Bar
+            } else {
+                super::progress::ProgressMode::Plain
+            },
         }
     }
 
@@ -24,9 +31,7 @@ impl Output {
     pub fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce() -> String) {
         let mut out = std::io::stdout().lock();
         let line = if self.json {
-            serde_json::to_string(value).unwrap_or_else(|e| {
-                format!(r#"{{"error":{{"kind":"serialize","message":"{e}"}}}}"#)
-            })
+            crate::jsonout::versioned(value).to_string()
         } else {
             human()
         };
@@ -39,10 +44,21 @@ impl Output {
     /// Prints a failure: its message, and its stable kind for scripts.
     pub fn error(&self, e: &crate::error::AgentError) {
         if self.json {
-            let v = serde_json::json!({"error": {"kind": e.kind(), "message": e.to_string()}});
+            let v = crate::jsonout::error_line(e.kind(), &e.to_string());
             let _ = writeln!(std::io::stdout().lock(), "{v}");
         } else {
             let _ = writeln!(std::io::stderr().lock(), "error [{}]: {e}", e.kind());
+        }
+    }
+
+    /// Prints a failure that has no [`crate::error::AgentError`] (the demo's own checks) in
+    /// the same shape.
+    pub fn error_kind(&self, kind: &str, message: &str) {
+        if self.json {
+            let v = crate::jsonout::error_line(kind, message);
+            let _ = writeln!(std::io::stdout().lock(), "{v}");
+        } else {
+            let _ = writeln!(std::io::stderr().lock(), "error [{kind}]: {message}");
         }
     }
 }

@@ -11,27 +11,27 @@
 //! Every file is checked on its own first (`deny_unknown_fields`), so a typo is an error naming
 //! the file, the line and the key. Cross-key rules are checked after the merge.
 //! `docs/configuration.md` lists every key.
+//!
+//! Here: the errors and the raw serde types (what the files say). `sources.rs`: where they come
+//! from and how they merge; `validate.rs`: the rules across keys and the key files read.
+//! What the operations use is built from this once, when the host is opened
+//! (`host::Settings`).
 
+pub mod checks;
 pub mod duration;
+pub mod hooks;
+mod sources;
+mod validate;
 
+pub use checks::{CheckSpec, CheckTarget};
 pub use duration::HumanDuration;
+pub use hooks::{HookConfig, HooksConfig};
+pub use sources::{ConfigSources, DEFAULT_DROPIN_DIRS, DEFAULT_MAIN};
 
-use crate::boot::SlotId;
 use crate::disk::SlotLayoutConfig;
-use base64::Engine as _;
+use crate::slot::SlotId;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use updater_proto::verify::{TrustPolicy, TrustedKey};
-
-/// Default main configuration file.
-pub const DEFAULT_MAIN: &str = "/etc/update-agent/config.toml";
-/// Default drop-in directories, lowest precedence first.
-pub const DEFAULT_DROPIN_DIRS: [&str; 3] = [
-    "/usr/lib/update-agent/config.d",
-    "/run/update-agent/config.d",
-    "/etc/update-agent/config.d",
-];
 
 /// Errors loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -76,68 +76,6 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Where configuration comes from; injectable for tests.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ConfigSources {
-    /// The main file; when set it must exist.
-    pub main: Option<PathBuf>,
-    /// Drop-in directories, lowest precedence first; missing directories are skipped.
-    pub dropin_dirs: Vec<PathBuf>,
-}
-
-impl ConfigSources {
-    /// The system locations. `main_override` (`--config`) must exist; the default main file
-    /// may be absent.
-    pub fn system(main_override: Option<PathBuf>) -> Self {
-        let main = main_override.or_else(|| {
-            let p = PathBuf::from(DEFAULT_MAIN);
-            p.exists().then_some(p)
-        });
-        ConfigSources {
-            main,
-            dropin_dirs: DEFAULT_DROPIN_DIRS.iter().map(PathBuf::from).collect(),
-        }
-    }
-
-    /// The files to read, in merge order (main first, then fragments by name, masked).
-    pub fn files(&self) -> Result<Vec<PathBuf>, ConfigError> {
-        let mut out = Vec::new();
-        if let Some(main) = &self.main {
-            out.push(main.clone());
-        }
-        let mut fragments: BTreeMap<std::ffi::OsString, PathBuf> = BTreeMap::new();
-        for dir in &self.dropin_dirs {
-            let entries = match std::fs::read_dir(dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(ConfigError::Io {
-                        path: dir.clone(),
-                        source,
-                    })
-                }
-            };
-            for entry in entries {
-                let entry = entry.map_err(|source| ConfigError::Io {
-                    path: dir.clone(),
-                    source,
-                })?;
-                let name = entry.file_name();
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "toml")
-                    && !name.to_string_lossy().starts_with('.')
-                    && !path.is_dir()
-                {
-                    // Later directories overwrite (mask) earlier same-named fragments.
-                    fragments.insert(name, path);
-                }
-            }
-        }
-        out.extend(fragments.into_values());
-        Ok(out)
-    }
-}
-
 /// Which preset partition layout, or `custom` for an explicit `[disk.slots]` table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +117,12 @@ pub enum BootBackendKind {
     #[default]
     Gptprio,
     Grubenv,
+    /// systemd-boot Automatic Boot Assessment (Boot Loader Specification entries).
+    Bls,
+    /// RAUC's U-Boot variables in the U-Boot environment (`fw_env.config`).
+    Uboot,
+    /// UEFI boot manager: `BootNext` for the trial, `BootOrder` for commit and rollback.
+    Efi,
 }
 
 /// `[boot]`
@@ -194,6 +138,22 @@ pub struct BootConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub booted_slot: Option<SlotId>,
     pub cmdline_path: PathBuf,
+    /// bls backend: the entries directory (`loader/entries` on the ESP/XBOOTLDR, or
+    /// `EFI/Linux` for UKIs).
+    pub bls_entries_dir: PathBuf,
+    /// bls backend: entry names of slots A and B (`[GEN-]NAME[+LEFT[-DONE]].conf|efi`).
+    pub bls_entry_a: String,
+    pub bls_entry_b: String,
+    /// bls backend: efivarfs file of systemd-boot's `LoaderEntrySelected` (the booted entry).
+    pub bls_entry_selected_path: PathBuf,
+    /// uboot backend: libubootenv's configuration naming the environment copies.
+    pub uboot_fw_env_config: PathBuf,
+    /// efi backend: the efivarfs directory.
+    pub efivars_dir: PathBuf,
+    /// efi backend: the `Boot####` load options of slots A and B (hexadecimal, as
+    /// efibootmgr prints them).
+    pub efi_entry_a: String,
+    pub efi_entry_b: String,
 }
 
 impl Default for BootConfig {
@@ -204,6 +164,14 @@ impl Default for BootConfig {
             tries: 1,
             booted_slot: None,
             cmdline_path: PathBuf::from("/proc/cmdline"),
+            bls_entries_dir: PathBuf::from("/boot/loader/entries"),
+            bls_entry_a: "update-agent-a".to_string(),
+            bls_entry_b: "update-agent-b".to_string(),
+            bls_entry_selected_path: PathBuf::from(crate::boot::bls::ENTRY_SELECTED_PATH),
+            uboot_fw_env_config: PathBuf::from(crate::boot::uboot::FW_ENV_CONFIG),
+            efivars_dir: PathBuf::from(crate::boot::efivars::EFIVARS_DIR),
+            efi_entry_a: "0001".to_string(),
+            efi_entry_b: "0002".to_string(),
         }
     }
 }
@@ -215,19 +183,75 @@ pub struct ServerConfig {
     /// Where the signed manifest is fetched (`http://` or `https://`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub manifest_url: Option<String>,
+    /// PEM file of the CA(s) https servers must chain to; when set, only these are trusted
+    /// (not the system roots). Applies to manifests, roots, images, FleetLock and reports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// One trusted key: inline (`public_key`, 32 raw bytes as hex or base64) or from a file
-/// holding the same text. `id`, if given, must match the id derived from the key.
+/// holding the same text, exactly one of them (the config parser refuses none or both).
+/// `id`, if given, must match the id derived from the key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawKeyConfig", into = "RawKeyConfig")]
 pub struct KeyConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    pub source: KeySource,
+}
+
+/// Where a trusted key's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `public_key = "..."`: the key itself.
+    Inline(String),
+    /// `file = "..."`: a file holding it (or the publisher's JSON key file).
+    File(PathBuf),
+}
+
+/// The keys of `[[trust.keys]]` of which exactly one gives the key.
+pub(crate) const KEY_SOURCE_KEYS: [&str; 2] = ["public_key", "file"];
+
+/// `[[trust.keys]]` as written, for serde only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub public_key: Option<String>,
+    id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<PathBuf>,
+    public_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<PathBuf>,
+}
+
+impl TryFrom<RawKeyConfig> for KeyConfig {
+    type Error = String;
+
+    fn try_from(raw: RawKeyConfig) -> Result<KeyConfig, String> {
+        let one = checks::exactly_one(&KEY_SOURCE_KEYS, |k| match k {
+            "public_key" => raw.public_key.is_some(),
+            _ => raw.file.is_some(),
+        })?;
+        let source = match (one, raw.public_key, raw.file) {
+            ("public_key", Some(k), _) => KeySource::Inline(k),
+            (_, _, Some(f)) => KeySource::File(f),
+            _ => return Err(format!("set exactly one of {}", KEY_SOURCE_KEYS.join(", "))),
+        };
+        Ok(KeyConfig { id: raw.id, source })
+    }
+}
+
+impl From<KeyConfig> for RawKeyConfig {
+    fn from(k: KeyConfig) -> RawKeyConfig {
+        let (public_key, file) = match k.source {
+            KeySource::Inline(key) => (Some(key), None),
+            KeySource::File(f) => (None, Some(f)),
+        };
+        RawKeyConfig {
+            id: k.id,
+            public_key,
+            file,
+        }
+    }
 }
 
 /// `[trust]`
@@ -240,6 +264,10 @@ pub struct TrustConfig {
     pub product: Option<String>,
     pub channel: String,
     pub keys: Vec<KeyConfig>,
+    /// The trust root shipped on the host (`update-publish root init`); once a root is
+    /// held, its manifest keys replace `keys` (see `docs/security.md`, migration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_file: Option<PathBuf>,
 }
 
 impl Default for TrustConfig {
@@ -249,6 +277,7 @@ impl Default for TrustConfig {
             product: None,
             channel: "stable".into(),
             keys: Vec::new(),
+            root_file: None,
         }
     }
 }
@@ -314,7 +343,7 @@ pub struct HealthConfig {
     /// After a failed trial boot, run `[reboot] command` to boot the previous slot.
     pub reboot_on_failure: bool,
     /// Declared checks (`[[health.checks]]`): a systemd unit, an HTTP URL or a TCP port.
-    pub checks: Vec<crate::health::CheckSpec>,
+    pub checks: Vec<CheckSpec>,
 }
 
 impl Default for HealthConfig {
@@ -330,14 +359,94 @@ impl Default for HealthConfig {
     }
 }
 
-/// When to reboot into a staged slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// One condition for rebooting into a staged slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum RebootStrategy {
     #[default]
     Immediate,
     Window,
     FleetLock,
+}
+
+/// `[reboot] strategy`: one strategy (`"window"`) or a list whose conditions must all hold
+/// (`["window", "fleet_lock"]`: only inside a maintenance window AND holding a FleetLock
+/// slot). The daemon checks them in a fixed order, cheapest and local first: the window,
+/// then the FleetLock slot (so a slot is only taken inside a window).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RebootStrategies(Vec<RebootStrategy>);
+
+impl RebootStrategies {
+    /// Whether `s` is one of the conditions.
+    pub fn has(&self, s: RebootStrategy) -> bool {
+        self.0.contains(&s) || (s == RebootStrategy::Immediate && self.0.is_empty())
+    }
+
+    /// The conditions in the order the daemon checks them.
+    pub fn conditions(&self) -> Vec<RebootStrategy> {
+        let mut v = self.0.clone();
+        v.sort();
+        v
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            return Err("needs at least one of \"immediate\", \"window\", \"fleet_lock\"".into());
+        }
+        let mut seen = self.0.clone();
+        seen.sort();
+        seen.dedup();
+        if seen.len() != self.0.len() {
+            return Err("names a strategy twice".into());
+        }
+        if self.0.len() > 1 && self.0.contains(&RebootStrategy::Immediate) {
+            return Err("\"immediate\" cannot be combined with another strategy".into());
+        }
+        Ok(())
+    }
+}
+
+impl From<RebootStrategy> for RebootStrategies {
+    fn from(s: RebootStrategy) -> Self {
+        RebootStrategies(vec![s])
+    }
+}
+
+impl From<Vec<RebootStrategy>> for RebootStrategies {
+    fn from(v: Vec<RebootStrategy>) -> Self {
+        RebootStrategies(v)
+    }
+}
+
+/// `strategy == RebootStrategy::Window`: exactly that one strategy.
+impl PartialEq<RebootStrategy> for RebootStrategies {
+    fn eq(&self, other: &RebootStrategy) -> bool {
+        self.0.as_slice() == [*other]
+    }
+}
+
+impl Serialize for RebootStrategies {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RebootStrategies {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a strategy name or a list of them")]
+        enum OneOrMany {
+            One(RebootStrategy),
+            Many(Vec<RebootStrategy>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => RebootStrategies(vec![s]),
+            OneOrMany::Many(v) => RebootStrategies(v),
+        })
+    }
 }
 
 /// One weekly maintenance window: opens at `start` local time on each of `days` in
@@ -378,7 +487,7 @@ fn default_group() -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RebootConfig {
-    pub strategy: RebootStrategy,
+    pub strategy: RebootStrategies,
     /// Program and arguments that reboot the host.
     pub command: Vec<String>,
     pub windows: Vec<WindowConfig>,
@@ -389,7 +498,7 @@ pub struct RebootConfig {
 impl Default for RebootConfig {
     fn default() -> Self {
         RebootConfig {
-            strategy: RebootStrategy::Immediate,
+            strategy: RebootStrategy::Immediate.into(),
             command: vec!["systemctl".into(), "reboot".into()],
             windows: Vec::new(),
             fleet_lock: None,
@@ -438,6 +547,21 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `[system]`: what the running system is. The running version is the bar below which no
+/// manifest is installed; it comes from the running system, not from the agent's record, so
+/// losing the record cannot lower it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SystemConfig {
+    /// The running version, stated outright (semver); overrides os-release.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running_version: Option<String>,
+    /// The os-release file of the booted slot as the running system sees it, read for
+    /// `VERSION_ID`. Unset: `/etc/os-release`, else `/usr/lib/os-release`. Set: it must read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub os_release_path: Option<PathBuf>,
+}
+
 /// The whole configuration. Every key has a default; see `docs/configuration.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -451,40 +575,19 @@ pub struct Config {
     pub health: HealthConfig,
     pub reboot: RebootConfig,
     pub daemon: DaemonConfig,
+    pub system: SystemConfig,
+    pub hooks: HooksConfig,
 }
 
 impl Config {
-    /// Read, check and merge every source, then validate the result.
-    pub fn load(sources: &ConfigSources) -> Result<Config, ConfigError> {
-        let mut merged = toml::Table::new();
-        for path in sources.files()? {
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            let parse_err = |source| ConfigError::Parse {
-                path: path.clone(),
-                source,
-            };
-            // Checked alone first, so unknown keys and wrong types name this file.
-            toml::from_str::<Config>(&text).map_err(parse_err)?;
-            let table: toml::Table = toml::from_str(&text).map_err(parse_err)?;
-            tracing::debug!(path = %path.display(), "configuration source merged");
-            merge(&mut merged, table);
-        }
-        let config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| invalid("(merged)", e.message().to_string()))?;
-        config.validate()?;
-        Ok(config)
-    }
-
     /// Parse one TOML document (no merging) and validate it.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let parse_err = |source| ConfigError::Parse {
             path: PathBuf::from("<string>"),
             source,
-        })?;
+        };
+        validate::check_exactly_one(&toml::from_str(text).map_err(parse_err)?)?;
+        let config: Config = toml::from_str(text).map_err(parse_err)?;
         config.validate()?;
         Ok(config)
     }
@@ -492,299 +595,5 @@ impl Config {
     /// The effective configuration as TOML (for `config show`); it loads back unchanged.
     pub fn to_toml_string(&self) -> Result<String, ConfigError> {
         Ok(toml::to_string_pretty(self)?)
-    }
-
-    /// Rules across keys, checked on the merged result.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        match (self.disk.layout, &self.disk.slots) {
-            (LayoutPreset::Custom, None) => {
-                return Err(invalid(
-                    "disk.slots",
-                    "layout = \"custom\" needs a [disk.slots] table",
-                ))
-            }
-            (LayoutPreset::Custom, Some(s)) => s
-                .validate()
-                .map_err(|e| invalid("disk.slots", e.to_string()))?,
-            (preset, Some(_)) => {
-                return Err(invalid(
-                    "disk.slots",
-                    format!(
-                        "set only with layout = \"custom\" (layout is {:?})",
-                        preset_name(preset)
-                    ),
-                ))
-            }
-            (_, None) => {}
-        }
-        let max_tries = match self.boot.backend {
-            BootBackendKind::Gptprio => 15,
-            BootBackendKind::Grubenv => crate::boot::grubenv::MAX_TRIES_LIMIT,
-        };
-        if !(1..=max_tries).contains(&self.boot.tries) {
-            return Err(invalid(
-                "boot.tries",
-                format!(
-                    "{} is out of range 1..={max_tries} for backend {:?}",
-                    self.boot.tries, self.boot.backend
-                ),
-            ));
-        }
-        if let Some(url) = &self.server.manifest_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    "server.manifest_url",
-                    format!("{url:?} is not an http:// or https:// URL"),
-                ));
-            }
-        }
-        if self.trust.threshold == 0 {
-            return Err(invalid(
-                "trust.threshold",
-                "must be at least 1 (0 would accept unsigned manifests)",
-            ));
-        }
-        if self.trust.channel.is_empty() {
-            return Err(invalid("trust.channel", "must not be empty"));
-        }
-        if !self.trust.keys.is_empty() {
-            self.trust_policy()?;
-        }
-        if self.state.dir.as_os_str().is_empty() {
-            return Err(invalid("state.dir", "must not be empty"));
-        }
-        for (key, d) in [
-            ("install.connect_timeout", self.install.connect_timeout),
-            ("install.read_timeout", self.install.read_timeout),
-            (
-                "install.min_throughput_window",
-                self.install.min_throughput_window,
-            ),
-            ("health.check_timeout", self.health.check_timeout),
-            ("health.total_timeout", self.health.total_timeout),
-            ("daemon.poll_interval", self.daemon.poll_interval),
-            ("daemon.max_backoff", self.daemon.max_backoff),
-        ] {
-            if d.get().is_zero() {
-                return Err(invalid(key, "must be more than 0s"));
-            }
-        }
-        for (i, check) in self.health.checks.iter().enumerate() {
-            check
-                .validate()
-                .map_err(|m| invalid(&format!("health.checks[{i}]"), m))?;
-        }
-        if self.install.max_attempts == 0 {
-            return Err(invalid("install.max_attempts", "must be at least 1"));
-        }
-        if self.reboot.command.is_empty() || self.reboot.command[0].is_empty() {
-            return Err(invalid("reboot.command", "must name a program"));
-        }
-        match self.reboot.strategy {
-            RebootStrategy::Window if self.reboot.windows.is_empty() => {
-                return Err(invalid(
-                    "reboot.windows",
-                    "strategy = \"window\" needs at least one [[reboot.windows]]",
-                ))
-            }
-            RebootStrategy::FleetLock if self.reboot.fleet_lock.is_none() => {
-                return Err(invalid(
-                    "reboot.fleet_lock",
-                    "strategy = \"fleet_lock\" needs [reboot.fleet_lock] url = ...",
-                ))
-            }
-            _ => {}
-        }
-        for (i, w) in self.reboot.windows.iter().enumerate() {
-            w.validate()
-                .map_err(|m| invalid(&format!("reboot.windows[{i}]"), m))?;
-        }
-        if let Some(seed) = self.daemon.wave_seed {
-            updater_proto::WaveSeed::new(seed)
-                .map_err(|e| invalid("daemon.wave_seed", e.to_string()))?;
-        }
-        if let Some(url) = &self.daemon.report_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(invalid(
-                    "daemon.report_url",
-                    format!("{url:?} is not an http:// or https:// URL"),
-                ));
-            }
-        }
-        if self
-            .daemon
-            .node_id
-            .as_deref()
-            .is_some_and(|id| id.trim().is_empty())
-        {
-            return Err(invalid("daemon.node_id", "must not be empty when set"));
-        }
-        if let Some(fl) = &self.reboot.fleet_lock {
-            if !(fl.url.starts_with("http://") || fl.url.starts_with("https://")) {
-                return Err(invalid(
-                    "reboot.fleet_lock.url",
-                    format!("{:?} is not an http:// or https:// URL", fl.url),
-                ));
-            }
-            let group_ok = !fl.group.is_empty()
-                && fl
-                    .group
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
-            if !group_ok {
-                return Err(invalid(
-                    "reboot.fleet_lock.group",
-                    format!("{:?} must match [a-zA-Z0-9.-]+", fl.group),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The partition layout selected by `[disk]`.
-    pub fn slot_layout(&self) -> Result<SlotLayoutConfig, ConfigError> {
-        Ok(match self.disk.layout {
-            LayoutPreset::Flatcar => SlotLayoutConfig::flatcar(),
-            LayoutPreset::Chromeos => SlotLayoutConfig::chromeos(),
-            LayoutPreset::Bottlerocket => SlotLayoutConfig::bottlerocket(),
-            LayoutPreset::Custom => {
-                self.disk.slots.clone().ok_or_else(|| {
-                    invalid("disk.slots", "layout = \"custom\" needs [disk.slots]")
-                })?
-            }
-        })
-    }
-
-    /// The trust policy from `[trust]`: keys read and parsed, ids checked, threshold applied.
-    pub fn trust_policy(&self) -> Result<TrustPolicy, ConfigError> {
-        if self.trust.keys.is_empty() {
-            return Err(invalid(
-                "trust.keys",
-                "no trusted keys configured; add [[trust.keys]] public_key = \"...\"",
-            ));
-        }
-        let keys = self
-            .trust
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| k.load(i))
-            .collect::<Result<Vec<_>, _>>()?;
-        TrustPolicy::new(keys, self.trust.threshold).map_err(|e| invalid("trust", e.to_string()))
-    }
-}
-
-fn preset_name(p: LayoutPreset) -> &'static str {
-    match p {
-        LayoutPreset::Flatcar => "flatcar",
-        LayoutPreset::Chromeos => "chromeos",
-        LayoutPreset::Bottlerocket => "bottlerocket",
-        LayoutPreset::Custom => "custom",
-    }
-}
-
-impl KeyConfig {
-    /// Read and parse this key (`index` names it in errors when it has no id).
-    pub fn load(&self, index: usize) -> Result<TrustedKey, ConfigError> {
-        let which = match (&self.id, &self.file) {
-            (Some(id), _) => format!("trust.keys[{index}] (id {id})"),
-            (None, Some(f)) => format!("trust.keys[{index}] ({})", f.display()),
-            (None, None) => format!("trust.keys[{index}]"),
-        };
-        let err = |message: String| ConfigError::Key {
-            which: which.clone(),
-            message,
-        };
-        let key = match (&self.public_key, &self.file) {
-            (Some(k), None) => TrustedKey::new(decode_key(k.trim()).map_err(err)?),
-            (None, Some(f)) => {
-                let text = std::fs::read_to_string(f)
-                    .map_err(|e| err(format!("cannot read {}: {e}", f.display())))?;
-                if text.trim_start().starts_with('{') {
-                    // The publisher's key file (`update-publish keygen`): one format for both
-                    // sides, its own keyid checked on load.
-                    crate::publish::load_public_key(f).map_err(|e| err(e.to_string()))?
-                } else {
-                    TrustedKey::new(decode_key(text.trim()).map_err(err)?)
-                }
-            }
-            _ => return Err(err("give exactly one of `public_key` or `file`".into())),
-        };
-        if let Some(id) = &self.id {
-            if !id.eq_ignore_ascii_case(key.key_id()) {
-                return Err(err(format!(
-                    "id does not match the key (the key's id is {})",
-                    key.key_id()
-                )));
-            }
-        }
-        Ok(key)
-    }
-}
-
-/// 32 raw ed25519 key bytes from 64 hex characters or base64.
-fn decode_key(text: &str) -> Result<[u8; 32], String> {
-    let bytes = if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
-        hex::decode(text).map_err(|e| e.to_string())?
-    } else {
-        base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map_err(|e| format!("neither 64 hex characters nor base64: {e}"))?
-    };
-    let n = bytes.len();
-    bytes
-        .try_into()
-        .map_err(|_| format!("an ed25519 public key is 32 bytes, this is {n}"))
-}
-
-impl WindowConfig {
-    fn validate(&self) -> Result<(), String> {
-        const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
-        if self.days.is_empty() {
-            return Err("`days` is empty".into());
-        }
-        for d in &self.days {
-            if !DAYS.contains(&d.as_str()) {
-                return Err(format!("day {d:?} is not one of {}", DAYS.join(", ")));
-            }
-        }
-        self.start_minutes()?;
-        if self.length.get().is_zero() {
-            return Err("`length` must be more than 0s".into());
-        }
-        if self.length.get() > std::time::Duration::from_secs(7 * 24 * 3600) {
-            return Err("`length` must be at most 7 days (a weekly window)".into());
-        }
-        jiff::tz::TimeZone::get(&self.time_zone).map_err(|e| {
-            format!(
-                "time_zone {:?} is not a known IANA time zone: {e}",
-                self.time_zone
-            )
-        })?;
-        Ok(())
-    }
-
-    /// Minutes after local midnight at which the window opens.
-    pub fn start_minutes(&self) -> Result<u32, String> {
-        let bad = || format!("start {:?} is not HH:MM (00:00..23:59)", self.start);
-        let (h, m) = self.start.split_once(':').ok_or_else(bad)?;
-        let h: u32 = h.parse().map_err(|_| bad())?;
-        let m: u32 = m.parse().map_err(|_| bad())?;
-        if h > 23 || m > 59 {
-            return Err(bad());
-        }
-        Ok(h * 60 + m)
-    }
-}
-
-/// Merge `over` into `base`: tables recursively, everything else replaced.
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
     }
 }

@@ -3,9 +3,11 @@
 //! Each cycle: give back a FleetLock slot if the boot it was taken for committed (Zincati's
 //! rule: release only after a healthy boot; a host whose trial failed keeps its slot, which
 //! halts its group's rollout) -> if a slot is staged, go to the reboot decision -> else
-//! check the manifest (verify, policy, wave) -> when this host's wave is open, run the same
-//! pipeline as `apply` (same install lock, so never two installs at once) -> reboot as the
-//! strategy allows (immediately, inside a maintenance window, or holding a FleetLock slot).
+//! check the manifest (verify, policy, wave) -> when this host's wave is open, install the
+//! manifest that check verified (fetched once per cycle) through the same pipeline as `apply`
+//! (same install lock, so never two installs at once) -> reboot as the
+//! strategy allows (immediately, inside a maintenance window, holding a FleetLock slot, or
+//! both: inside a window AND holding a slot).
 //! Between cycles it sleeps the poll interval plus random jitter, or backs off exponentially
 //! after a failure. It reports through sd_notify (READY, STATUS, WATCHDOG), a Prometheus
 //! text file, and optionally a report endpoint.
@@ -17,12 +19,10 @@
 pub mod notify;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use time::OffsetDateTime;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn, Instrument};
 
@@ -35,7 +35,7 @@ use crate::fleet::window::{self, Window, WindowState};
 use crate::fleet::FleetError;
 use crate::host::Host;
 use crate::install::ProgressEvent;
-use crate::ops::apply::{apply, ApplyOptions};
+use crate::ops::apply::{apply_fetched, ApplyOptions};
 use crate::state::Phase;
 use notify::Notifier;
 
@@ -43,10 +43,8 @@ use notify::Notifier;
 const REBOOT_PATIENCE: Duration = Duration::from_secs(10 * 60);
 /// Timeout of one FleetLock or report request.
 const FLEET_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Environment variable for crash tests only: block the install at this progress phase
-/// (`disabled`, `writing`, `flushing`, `verifying`, `done`), optionally once it reached a
-/// percentage (`writing:90`), until the process is stopped; then exit at that point.
-pub const TEST_HOLD_ENV: &str = "UPDATE_AGENT_TEST_HOLD";
+/// Crash tests only: where to hold (see [`crate::ops::testhold`]).
+pub use crate::ops::testhold::TEST_HOLD_ENV;
 
 /// How the daemon runs.
 #[derive(Debug, Clone, Default)]
@@ -83,10 +81,19 @@ impl DaemonError {
 pub enum CycleOutcome {
     /// Nothing to install: up to date, or policy refuses the offered release.
     UpToDate { reason: String },
-    /// A release is offered but this host's wave opens at `at` (Unix seconds).
-    WaitingForWave { version: String, at: i64 },
+    /// A release is offered but this host's wave opens at `at` (Unix seconds; RFC 3339 in
+    /// JSON, like every time the agent prints).
+    WaitingForWave {
+        version: String,
+        #[serde(serialize_with = "crate::jsonout::unix_time")]
+        at: i64,
+    },
     /// Staged; the next maintenance window opens at `at`.
-    WaitingForWindow { version: String, at: i64 },
+    WaitingForWindow {
+        version: String,
+        #[serde(serialize_with = "crate::jsonout::unix_time")]
+        at: i64,
+    },
     /// Staged; the FleetLock server has no free reboot slot.
     WaitingForSlot { version: String, reason: String },
     /// Holding a FleetLock slot after a boot that did not commit: the group's rollout is
@@ -102,15 +109,7 @@ pub enum CycleOutcome {
 impl CycleOutcome {
     /// One human line, for STATUS= and logs.
     pub fn render(&self) -> String {
-        let at = |t: i64| {
-            OffsetDateTime::from_unix_timestamp(t)
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| t.to_string())
-        };
+        let at = crate::clock::rfc3339_or_number;
         match self {
             CycleOutcome::UpToDate { reason } => format!("up to date ({reason})"),
             CycleOutcome::WaitingForWave { version, at: t } => {
@@ -147,8 +146,6 @@ pub fn run(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> 
     result
 }
 
-/// Set once a stop signal arrived.
-static STOPPING: AtomicBool = AtomicBool::new(false);
 /// How long a stop may take before the process exits regardless (systemd's default
 /// TimeoutStopSec is 90 s; every on-disk step is crash-safe, so exiting is always safe).
 const STOP_GRACE: Duration = Duration::from_secs(20);
@@ -187,7 +184,7 @@ pub async fn run_async(config: Config, opts: DaemonOptions) -> Result<ExitCode, 
             };
             info!(signal = name, "stopping");
             notifier.stopping(&format!("stopping ({name})"));
-            STOPPING.store(true, Ordering::SeqCst);
+            crate::ops::testhold::request_stop();
             stop.notify_one();
             tokio::time::sleep(STOP_GRACE).await;
             warn!("the current step did not stop within {STOP_GRACE:?}; exiting anyway");
@@ -225,20 +222,20 @@ pub struct Daemon {
 impl Daemon {
     /// Check what the strategy needs (windows parse, a node id for FleetLock or reports).
     pub fn new(host: Host, notifier: Arc<Notifier>) -> Result<Daemon, AgentError> {
-        let fleet = |e: FleetError| AgentError::Refused(format!("[{}] {e}", e.kind()));
+        let fleet = AgentError::Fleet;
         let windows = Window::all(&host.config.reboot.windows).map_err(fleet)?;
-        let needs_id = host.config.reboot.strategy == RebootStrategy::FleetLock
+        let needs_id = host.config.reboot.strategy.has(RebootStrategy::FleetLock)
             || host.config.daemon.report_url.is_some();
         let node_id = if needs_id {
             Some(crate::fleet::node_id(&host.config).map_err(fleet)?)
         } else {
             crate::fleet::node_id(&host.config).ok()
         };
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(FLEET_HTTP_TIMEOUT)
-            .build()
-            .map_err(|e| AgentError::Refused(format!("building the HTTP client: {e}")))?;
+        let http = crate::fetch::http_client(&crate::fetch::HttpOptions {
+            timeout: Some(FLEET_HTTP_TIMEOUT),
+            ca_file: host.config.server.ca_file.clone(),
+            ..Default::default()
+        })?;
         let counters = Counters::load(host.state.dir());
         let live = Live {
             wave_seed: crate::fleet::wave_seed(&host.config).ok().map(|s| s.get()),
@@ -273,9 +270,7 @@ impl Daemon {
                     info!(outcome = %outcome.render(), "cycle done");
                     self.notifier.status(&outcome.render());
                     if once {
-                        if let Ok(line) = serde_json::to_string(outcome) {
-                            println!("{line}");
-                        }
+                        println!("{}", crate::jsonout::versioned(outcome));
                         return ExitCode::SUCCESS;
                     }
                     if let CycleOutcome::Rebooting { .. } = outcome {
@@ -299,10 +294,8 @@ impl Daemon {
                         wait.as_secs()
                     ));
                     if once {
-                        println!(
-                            "{}",
-                            serde_json::json!({"outcome": "failed", "kind": e.kind(), "message": e.to_string()})
-                        );
+                        // The same failure line as every other command's --json.
+                        println!("{}", crate::jsonout::error_line(e.kind(), &e.to_string()));
                         return ExitCode::from(1);
                     }
                     wait
@@ -323,7 +316,7 @@ impl Daemon {
         let poll = self.poll_wait();
         match outcome {
             CycleOutcome::WaitingForWave { at, .. } | CycleOutcome::WaitingForWindow { at, .. } => {
-                let now = OffsetDateTime::now_utc().unix_timestamp();
+                let now = self.host.clock.unix();
                 let secs = u64::try_from(at.saturating_sub(now)).unwrap_or(0);
                 poll.min(Duration::from_secs(secs))
             }
@@ -362,7 +355,7 @@ impl Daemon {
                 Phase::Staged { .. } | Phase::Trial { .. } => {}
                 other => {
                     return Ok(CycleOutcome::Halted {
-                        phase: metrics::phase_name(other).to_string(),
+                        phase: other.name().to_string(),
                         version: held.version,
                     })
                 }
@@ -380,17 +373,18 @@ impl Daemon {
             _ => {}
         }
 
-        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let now = self.host.clock.unix();
         self.counters.checks_total += 1;
         self.counters.last_check_unix = Some(now);
         self.notifier.status("checking for updates");
-        let check = match crate::ops::check::check(&self.host, None, false, false).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.counters.check_failures_total += 1;
-                return Err(e.into());
-            }
-        };
+        let (check, fetched) =
+            match crate::ops::check::check_fetched(&self.host, None, false, false).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.counters.check_failures_total += 1;
+                    return Err(e.into());
+                }
+            };
         self.counters.last_success_unix = Some(now);
         self.live.wave_seed = check.wave_seed.or(self.live.wave_seed);
         self.live.eligible_from = check.eligible_from;
@@ -412,7 +406,10 @@ impl Daemon {
         let hold_at = self.hold_at.clone();
         let version = check.version.clone();
         let mut last_pct = None;
+        // What `update-agent status` shows of this install from another process.
+        let mut live = crate::progress::live::LiveWriter::new(self.host.state.dir(), None);
         let mut progress = move |ev: ProgressEvent| {
+            live.event(&ev);
             let phase = format!("{:?}", ev.phase).to_lowercase();
             let pct = ev
                 .done
@@ -425,67 +422,92 @@ impl Daemon {
             }
             if let Some((hold_phase, min_pct)) = &hold_at {
                 if *hold_phase == phase && pct >= *min_pct {
-                    test_hold(&notifier, &phase);
+                    crate::ops::testhold::hold(&phase, &|line| notifier.status(line));
                 }
             }
         };
-        let report = apply(&self.host, &ApplyOptions::default(), &mut progress).await?;
+        let report = apply_fetched(
+            &self.host,
+            &ApplyOptions::default(),
+            &fetched,
+            &mut progress,
+        )
+        .await?;
         self.counters.installs_total += 1;
         self.counters.downloaded_bytes_total += report.bytes_fetched;
+        for d in &report.delta {
+            self.counters.delta_reused_bytes_total += d.stats.bytes_reused;
+            self.counters.delta_requests_total += d.stats.requests;
+            self.counters.delta_fallbacks_total += u64::from(d.stats.fallback.is_some());
+        }
         self.counters.last_install_seconds = Some(started.elapsed().as_secs_f64());
         info!(summary = %report.render(), "installed");
         self.reboot_step(&report.version).await
     }
 
-    /// Staged: reboot if the strategy allows it now.
+    /// Staged: reboot if every condition of the strategy allows it now, checked in order
+    /// (window, then FleetLock: a slot is taken only inside a window).
     async fn reboot_step(&mut self, version: &str) -> Result<CycleOutcome, DaemonError> {
-        let reboot = &self.host.config.reboot;
-        match reboot.strategy {
-            RebootStrategy::Immediate => {}
-            RebootStrategy::Window => {
-                if let Some(WindowState::Closed { opens }) =
-                    window::state_at(&self.windows, jiff::Timestamp::now())
-                {
-                    return Ok(CycleOutcome::WaitingForWindow {
-                        version: version.to_string(),
-                        at: opens.as_second(),
-                    });
+        let strategy = self.host.config.reboot.strategy.clone();
+        if strategy.has(RebootStrategy::Window) {
+            if let Some(WindowState::Closed { opens }) =
+                window::state_at(&self.windows, self.host.clock.now())
+            {
+                if strategy.has(RebootStrategy::FleetLock) {
+                    // A slot taken inside an earlier window whose reboot did not happen:
+                    // waiting for the next window must not keep the rest of the group out.
+                    if let Some(held) = HeldSlot::load(self.host.state.dir())? {
+                        info!(group = %held.group, "window closed before the reboot: giving the FleetLock slot back");
+                        self.release(&held).await?;
+                    }
                 }
+                return Ok(CycleOutcome::WaitingForWindow {
+                    version: version.to_string(),
+                    at: opens.as_second(),
+                });
             }
-            RebootStrategy::FleetLock => {
-                let Some(cfg) = &reboot.fleet_lock else {
-                    return Err(AgentError::Refused(
-                        "strategy = \"fleet_lock\" without [reboot.fleet_lock]".into(),
-                    )
-                    .into());
-                };
-                let id = self.node_id.clone().unwrap_or_default();
-                let client = FleetLockClient::new(&cfg.url, &id, &cfg.group, FLEET_HTTP_TIMEOUT)?;
-                match client.pre_reboot().await {
-                    Ok(()) => {
-                        HeldSlot {
-                            url: cfg.url.clone(),
-                            id,
-                            group: cfg.group.clone(),
-                            version: version.to_string(),
-                            taken_at: OffsetDateTime::now_utc(),
-                        }
-                        .save(self.host.state.dir())?;
-                        self.live.fleetlock_held = true;
-                    }
-                    Err(FleetError::LockRefused {
-                        status,
-                        kind,
-                        value,
-                        ..
-                    }) => {
-                        return Ok(CycleOutcome::WaitingForSlot {
-                            version: version.to_string(),
-                            reason: format!("HTTP {status} [{kind}] {value}"),
-                        })
-                    }
-                    Err(e) => return Err(e.into()),
+        }
+        if strategy.has(RebootStrategy::FleetLock) {
+            let reboot = &self.host.config.reboot;
+            let Some(cfg) = &reboot.fleet_lock else {
+                return Err(AgentError::NotConfigured {
+                    key: "reboot.fleet_lock",
+                    hint: "strategy \"fleet_lock\" needs a [reboot.fleet_lock] table".into(),
                 }
+                .into());
+            };
+            let id = self.node_id.clone().unwrap_or_default();
+            let client = FleetLockClient::with_ca(
+                &cfg.url,
+                &id,
+                &cfg.group,
+                FLEET_HTTP_TIMEOUT,
+                self.host.config.server.ca_file.as_deref(),
+            )?;
+            match client.pre_reboot().await {
+                Ok(()) => {
+                    HeldSlot {
+                        url: cfg.url.clone(),
+                        id,
+                        group: cfg.group.clone(),
+                        version: version.to_string(),
+                        taken_at: self.host.clock.now(),
+                    }
+                    .save(self.host.state.dir())?;
+                    self.live.fleetlock_held = true;
+                }
+                Err(FleetError::LockRefused {
+                    status,
+                    kind,
+                    value,
+                    ..
+                }) => {
+                    return Ok(CycleOutcome::WaitingForSlot {
+                        version: version.to_string(),
+                        reason: format!("HTTP {status} [{kind}] {value}"),
+                    })
+                }
+                Err(e) => return Err(e.into()),
             }
         }
         info!(version, "rebooting");
@@ -499,7 +521,13 @@ impl Daemon {
     /// Give back the slot named by the marker (its own URL, id and group: exactly what was
     /// taken, even if the configuration changed since).
     async fn release(&mut self, held: &HeldSlot) -> Result<(), DaemonError> {
-        let client = FleetLockClient::new(&held.url, &held.id, &held.group, FLEET_HTTP_TIMEOUT)?;
+        let client = FleetLockClient::with_ca(
+            &held.url,
+            &held.id,
+            &held.group,
+            FLEET_HTTP_TIMEOUT,
+            self.host.config.server.ca_file.as_deref(),
+        )?;
         client.steady_state().await?;
         HeldSlot::clear(self.host.state.dir())?;
         self.live.fleetlock_held = false;
@@ -508,9 +536,19 @@ impl Daemon {
     }
 
     fn running_version(&self, state: &crate::state::State) -> Option<String> {
-        let slots = self.host.slots().ok()?;
-        let booted = self.host.booted_slot(&slots).ok()?.slot;
-        state.slots.get(&booted).map(|r| r.version.clone())
+        let booted = self
+            .host
+            .slots()
+            .and_then(|slots| self.host.booted_slot(&slots))
+            .ok()
+            .map(|b| b.slot);
+        match self.host.running_version(state, booted) {
+            Ok(v) => v.map(|v| v.to_string()),
+            Err(e) => {
+                warn!(kind = e.kind(), error = %e, "running version unknown");
+                None
+            }
+        }
     }
 
     /// Metrics file and status report, best effort: neither may stop updates.
@@ -553,7 +591,7 @@ impl Daemon {
             let r = Report {
                 id: id.clone(),
                 version: self.live.running_version.clone(),
-                phase: metrics::phase_name(&state.phase).to_string(),
+                phase: state.phase.name().to_string(),
                 last_error,
                 wave_seed: self.live.wave_seed,
             };
@@ -562,20 +600,6 @@ impl Daemon {
             }
         }
     }
-}
-
-/// Crash tests only: stop making progress here until the process is killed.
-fn test_hold(notifier: &Notifier, phase: &str) {
-    warn!(
-        phase,
-        "{TEST_HOLD_ENV} is set: holding the install until stopped"
-    );
-    notifier.status(&format!("test-hold {phase}"));
-    while !STOPPING.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // Die here, inside the step, as a crash at this point would.
-    std::process::exit(0);
 }
 
 /// Exponential backoff after `failures` consecutive failures: from the poll interval (at most

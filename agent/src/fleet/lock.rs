@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::clock::Timestamp;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::FleetError;
@@ -57,6 +57,18 @@ impl FleetLockClient {
         group: &str,
         timeout: Duration,
     ) -> Result<FleetLockClient, FleetError> {
+        Self::with_ca(base, id, group, timeout, None)
+    }
+
+    /// As [`FleetLockClient::new`], trusting only the CAs in `ca_file` for https
+    /// (`[server] ca_file`; `None`: the system roots).
+    pub fn with_ca(
+        base: &str,
+        id: &str,
+        group: &str,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<FleetLockClient, FleetError> {
         let bad = |message: String| FleetError::LockUrl {
             url: base.to_string(),
             message,
@@ -73,12 +85,12 @@ impl FleetLockClient {
             let path = format!("{}/", url.path());
             url.set_path(&path);
         }
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .user_agent(concat!("update-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| bad(format!("building the HTTP client: {e}")))?;
+        let client = crate::fetch::http_client(&crate::fetch::HttpOptions {
+            timeout: Some(timeout),
+            ca_file: ca_file.map(Path::to_path_buf),
+            ..Default::default()
+        })
+        .map_err(|e| bad(format!("building the HTTP client: {e}")))?;
         Ok(FleetLockClient {
             base: url,
             id: id.to_string(),
@@ -132,10 +144,17 @@ impl FleetLockClient {
     }
 
     async fn send(&self, op: &'static str, url: String, body: Vec<u8>) -> Result<(), FleetError> {
-        let http = |source| FleetError::LockHttp {
-            op,
-            url: url.clone(),
-            source,
+        let http = |source: reqwest::Error| match crate::fetch::tls_cause(&source) {
+            Some(detail) => FleetError::Tls {
+                what: format!("FleetLock {op}"),
+                url: url.clone(),
+                detail,
+            },
+            None => FleetError::LockHttp {
+                op,
+                url: url.clone(),
+                source,
+            },
         };
         let resp = self
             .client
@@ -177,8 +196,7 @@ pub struct HeldSlot {
     pub group: String,
     /// The release the slot was taken to reboot into.
     pub version: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub taken_at: OffsetDateTime,
+    pub taken_at: Timestamp,
 }
 
 impl HeldSlot {

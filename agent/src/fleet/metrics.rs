@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::FleetError;
-use crate::state::{HistoryEvent, Phase, State};
+use crate::state::{HistoryEvent, State};
 
 /// Counter file inside the state directory.
 pub const COUNTERS_FILE: &str = "metrics.json";
@@ -28,6 +28,12 @@ pub struct Counters {
     /// Unix seconds of the last successful manifest check.
     pub last_success_unix: Option<i64>,
     pub downloaded_bytes_total: u64,
+    /// Image bytes delta installs copied from the slots instead of downloading them.
+    pub delta_reused_bytes_total: u64,
+    /// HTTP requests made by delta installs (index and ranges).
+    pub delta_requests_total: u64,
+    /// Delta installs that fell back to the full stream.
+    pub delta_fallbacks_total: u64,
     pub installs_total: u64,
     /// Seconds the last successful install took.
     pub last_install_seconds: Option<f64>,
@@ -106,26 +112,13 @@ impl Counters {
             .iter()
             .filter(|h| h.event == HistoryEvent::RolledBack)
         {
-            let at = h.at.unix_timestamp_nanos() as i64;
+            let at = h.at.as_nanosecond() as i64;
             if self.last_rollback_counted.is_none_or(|seen| at > seen) {
                 self.rollbacks_total += 1;
                 newest = newest.max(Some(at));
             }
         }
         self.last_rollback_counted = newest;
-    }
-}
-
-pub fn phase_name(p: &Phase) -> &'static str {
-    match p {
-        Phase::Idle => "idle",
-        Phase::Downloading { .. } => "downloading",
-        Phase::Staged { .. } => "staged",
-        Phase::Trial { .. } => "trial",
-        Phase::Committed { .. } => "committed",
-        Phase::RolledBack { .. } => "rolled_back",
-        Phase::Failed { .. } => "failed",
-        Phase::Unknown => "unknown",
     }
 }
 
@@ -179,7 +172,7 @@ pub fn render(c: &Counters, state: &State, live: &Live) -> String {
         "Manifest checks that failed (fetch or verification).",
         &one(c.check_failures_total as f64),
     );
-    let current = phase_name(&state.phase);
+    let current = state.phase.name();
     let phases: Vec<(String, f64)> = PHASES
         .iter()
         .map(|p| {
@@ -233,6 +226,27 @@ pub fn render(c: &Counters, state: &State, live: &Live) -> String {
         "counter",
         "Image bytes fetched by installs.",
         &one(c.downloaded_bytes_total as f64),
+    );
+    metric(
+        &mut out,
+        "update_agent_delta_reused_bytes_total",
+        "counter",
+        "Image bytes delta installs copied from the slots instead of downloading them.",
+        &one(c.delta_reused_bytes_total as f64),
+    );
+    metric(
+        &mut out,
+        "update_agent_delta_requests_total",
+        "counter",
+        "HTTP requests made by delta installs (chunk index and ranges).",
+        &one(c.delta_requests_total as f64),
+    );
+    metric(
+        &mut out,
+        "update_agent_delta_fallbacks_total",
+        "counter",
+        "Delta installs that fell back to the full image stream.",
+        &one(c.delta_fallbacks_total as f64),
     );
     metric(
         &mut out,
@@ -319,7 +333,7 @@ pub fn write(path: &Path, text: &str) -> Result<(), FleetError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::state::{HistoryEntry, State};
+    use crate::state::{HistoryEntry, Phase, State};
 
     /// The rollback counter never goes down, though the history it counts from is trimmed,
     /// and counts each rollback once however often it is updated.
@@ -342,7 +356,7 @@ mod tests {
         c.count_rollbacks(&state);
         assert_eq!(c.rollbacks_total, 1);
         let mut later = HistoryEntry::now(HistoryEvent::RolledBack);
-        later.at += time::Duration::seconds(1);
+        later.at += jiff::SignedDuration::from_secs(1);
         state.record(later);
         c.count_rollbacks(&state);
         assert_eq!(c.rollbacks_total, 2);
@@ -359,6 +373,9 @@ mod tests {
             checks_total: 3,
             last_check_unix: Some(1_700_000_000),
             downloaded_bytes_total: 4096,
+            delta_reused_bytes_total: 1 << 20,
+            delta_requests_total: 7,
+            delta_fallbacks_total: 1,
             ..Counters::default()
         };
         c.failures_by_kind.insert("fetch_\"odd\"\nkind".into(), 2);
@@ -382,6 +399,9 @@ mod tests {
             "update_agent_checks_total 3",
             "update_agent_last_check_timestamp_seconds 1700000000",
             "update_agent_downloaded_bytes_total 4096",
+            "update_agent_delta_reused_bytes_total 1048576",
+            "update_agent_delta_requests_total 7",
+            "update_agent_delta_fallbacks_total 1",
             "update_agent_phase{phase=\"rolled_back\"} 1",
             "update_agent_phase{phase=\"idle\"} 0",
             "update_agent_rollbacks_total 1",

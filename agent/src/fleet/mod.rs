@@ -32,6 +32,14 @@ pub enum FleetError {
         #[source]
         source: reqwest::Error,
     },
+    /// The server's certificate was not trusted (or TLS failed otherwise): the same kind,
+    /// `tls`, as for manifests and images.
+    #[error("{what} at {url}: TLS failed: {detail} (the server's certificate must chain to [server] ca_file if set, else to the system roots)")]
+    Tls {
+        what: String,
+        url: String,
+        detail: String,
+    },
     #[error("FleetLock base URL {url:?} is not usable: {message}")]
     LockUrl { url: String, message: String },
     #[error("status report to {url} failed: {message}")]
@@ -62,6 +70,7 @@ impl FleetError {
         match self {
             FleetError::LockRefused { .. } => "fleetlock_refused",
             FleetError::LockHttp { .. } => "fleetlock_http",
+            FleetError::Tls { .. } => "tls",
             FleetError::LockUrl { .. } => "fleetlock_url",
             FleetError::Report { .. } => "report_failed",
             FleetError::MachineId { .. } => "machine_id",

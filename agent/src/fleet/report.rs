@@ -13,7 +13,7 @@ pub struct Report {
     pub id: String,
     /// Version the booted slot runs.
     pub version: Option<String>,
-    /// The state phase name (see `metrics::phase_name`).
+    /// The state phase name (see `state::Phase::name`).
     pub phase: String,
     pub last_error: Option<String>,
     pub wave_seed: Option<u32>,
@@ -38,7 +38,14 @@ pub async fn send(
         .body(body)
         .send()
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| match crate::fetch::tls_cause(&e) {
+            Some(detail) => FleetError::Tls {
+                what: "status report".into(),
+                url: url.to_string(),
+                detail,
+            },
+            None => err(e.to_string()),
+        })?;
     if !resp.status().is_success() {
         return Err(err(format!("HTTP {}", resp.status().as_u16())));
     }

@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::clock::Timestamp;
 use serde::{Deserialize, Serialize};
-use time::OffsetDateTime;
 
 use super::runner::CheckResult;
 use super::{io_err, HealthError};
@@ -37,6 +37,9 @@ pub enum BootKind {
 pub enum RunOutcome {
     /// Checks started and no verdict was recorded: still running, or the agent died.
     InProgress,
+    /// The checks passed with `health-check --no-commit`: the commit waits for
+    /// `boot-complete.target` (`update-agent commit`, update-agent-commit.service).
+    Passed,
     Committed,
     RolledBack,
     FallbackDetected,
@@ -56,19 +59,24 @@ pub struct BootRun {
     pub version: Option<String>,
     pub kind: BootKind,
     pub outcome: RunOutcome,
-    #[serde(with = "time::serde::rfc3339")]
-    pub started_at: OffsetDateTime,
+    /// When the check started (the host's clock).
+    pub started_at: Timestamp,
+    /// When this boot's kernel started (now minus the uptime, read when the check started; see
+    /// [`super::drill::kernel_booted_at`]): the drill's timeline puts the boot here. Absent in
+    /// records of older agents and when the kernel did not say.
+    #[serde(default)]
+    pub booted_at: Option<Timestamp>,
     /// When the checks finished (trial boots).
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    pub checks_done_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub checks_done_at: Option<Timestamp>,
     /// When the boot flags were flipped back (trial failure or fallback).
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    pub rolled_back_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    pub finished_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub rolled_back_at: Option<Timestamp>,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
     /// Set when this trial failed on purpose for the rollback drill: when it was armed.
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    pub drill_armed_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub drill_armed_at: Option<Timestamp>,
     #[serde(default)]
     pub reason: Option<String>,
     #[serde(default)]
@@ -79,14 +87,27 @@ pub struct BootRun {
 }
 
 impl BootRun {
+    /// A run starting now (see [`BootRun::start_at`]).
     pub fn start(boot_id: &str, booted: SlotId, version: Option<String>, kind: BootKind) -> Self {
+        Self::start_at(boot_id, booted, version, kind, Timestamp::now())
+    }
+
+    /// A run of this boot's check, started `at` (the host's clock).
+    pub fn start_at(
+        boot_id: &str,
+        booted: SlotId,
+        version: Option<String>,
+        kind: BootKind,
+        at: Timestamp,
+    ) -> Self {
         BootRun {
             boot_id: boot_id.to_string(),
             booted,
             version,
             kind,
             outcome: RunOutcome::InProgress,
-            started_at: OffsetDateTime::now_utc(),
+            started_at: at,
+            booted_at: None,
             checks_done_at: None,
             rolled_back_at: None,
             finished_at: None,
@@ -130,7 +151,7 @@ impl Journal {
             Err(HealthError::JournalCorrupt { path, source }) => {
                 let aside = state_dir.join(format!(
                     "{JOURNAL_FILE}.corrupt-{}",
-                    OffsetDateTime::now_utc().unix_timestamp()
+                    Timestamp::now().as_second()
                 ));
                 std::fs::rename(&path, &aside).map_err(io_err(&path))?;
                 crate::state::atomic::sync_dir(state_dir).map_err(io_err(state_dir))?;

@@ -12,9 +12,9 @@ pub mod runner;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::{Config, HumanDuration};
+/// The raw `[[health.checks]]` entry is configuration; the runner takes it from there.
+pub use crate::config::CheckSpec;
+use crate::config::Config;
 
 /// Errors of the health layer (journal, drill marker, check set-up).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,9 @@ pub enum HealthError {
     },
     #[error("health check {index} in the configuration: {message}")]
     BadCheck { index: usize, message: String },
+    /// `update-agent commit` found no passed health check on this boot to commit.
+    #[error("nothing to commit on boot {boot_id}: {why}")]
+    NotPassed { boot_id: String, why: String },
 }
 
 impl HealthError {
@@ -56,6 +59,7 @@ impl HealthError {
             HealthError::MarkerCorrupt { .. } => "drill_marker_corrupt",
             HealthError::Serialize { .. } => "health_serialize",
             HealthError::BadCheck { .. } => "health_bad_check",
+            HealthError::NotPassed { .. } => "health_not_passed",
         }
     }
 }
@@ -64,92 +68,6 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> H
     move |source| HealthError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// One check declared in the configuration (`[[health.checks]]`): exactly one of `unit`,
-/// `http`, `tcp`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CheckSpec {
-    /// Shown in logs and history; defaults to `unit:<name>`, `http:<url>` or `tcp:<addr>`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// A systemd unit that must be active (`systemctl is-active --quiet UNIT`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unit: Option<String>,
-    /// An `http://` or `https://` URL that must answer 2xx to a GET.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub http: Option<String>,
-    /// A `host:port` that must accept a TCP connection.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<String>,
-    /// A failing required check fails the boot; a failing wanted one is only logged.
-    pub required: bool,
-    /// Overrides `[health] check_timeout` for this check.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<HumanDuration>,
-}
-
-impl Default for CheckSpec {
-    /// Nothing to check yet; required.
-    fn default() -> Self {
-        CheckSpec {
-            name: None,
-            unit: None,
-            http: None,
-            tcp: None,
-            required: true,
-            timeout: None,
-        }
-    }
-}
-
-impl CheckSpec {
-    /// Exactly one target, well-formed.
-    pub fn validate(&self) -> Result<(), String> {
-        let set = [&self.unit, &self.http, &self.tcp]
-            .iter()
-            .filter(|o| o.is_some())
-            .count();
-        if set != 1 {
-            return Err("set exactly one of unit, http, tcp".into());
-        }
-        if let Some(url) = &self.http {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!("http = {url:?} is not an http:// or https:// URL"));
-            }
-        }
-        if let Some(addr) = &self.tcp {
-            if !addr
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-            {
-                return Err(format!("tcp = {addr:?} is not host:port"));
-            }
-        }
-        if let Some(unit) = &self.unit {
-            if unit.is_empty() || unit.starts_with('-') {
-                return Err(format!("unit = {unit:?} is not a unit name"));
-            }
-        }
-        if self.timeout.is_some_and(|t| t.get().is_zero()) {
-            return Err("timeout must be more than 0s".into());
-        }
-        Ok(())
-    }
-
-    /// The name shown in reports.
-    pub fn display_name(&self) -> String {
-        if let Some(n) = &self.name {
-            return n.clone();
-        }
-        match (&self.unit, &self.http, &self.tcp) {
-            (Some(u), _, _) => format!("unit:{u}"),
-            (_, Some(h), _) => format!("http:{h}"),
-            (_, _, Some(t)) => format!("tcp:{t}"),
-            _ => "unnamed".into(),
-        }
     }
 }
 

@@ -21,6 +21,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::{CheckSpec, HealthSettings};
+use crate::config::CheckTarget;
 
 /// Bytes of a check's combined stdout/stderr kept for the report.
 pub const OUTPUT_TAIL: u64 = 2048;
@@ -70,6 +71,8 @@ pub struct CheckResult {
     pub timed_out: bool,
     /// `exit status 0`, `killed after timeout 1s`, `HTTP 503`, `connection refused`, ...
     pub status: String,
+    /// How long the check ran (`duration_ms`; journals written before schema 2 say `millis`).
+    #[serde(rename = "duration_ms", alias = "millis")]
     pub millis: u64,
     /// The last [`OUTPUT_TAIL`] bytes of the check's output (lossy UTF-8, trimmed).
     pub output_tail: String,
@@ -161,11 +164,10 @@ pub fn collect(settings: &HealthSettings, drill: Option<String>) -> Vec<Check> {
 }
 
 fn spec_check(spec: &CheckSpec, default_timeout: Duration) -> Check {
-    let kind = match (&spec.unit, &spec.http, &spec.tcp) {
-        (Some(u), None, None) => CheckKind::Unit(u.clone()),
-        (None, Some(h), None) => CheckKind::Http(h.clone()),
-        (None, None, Some(t)) => CheckKind::Tcp(t.clone()),
-        _ => CheckKind::Broken("declare exactly one of unit, http, tcp".into()),
+    let kind = match &spec.target {
+        CheckTarget::Unit(u) => CheckKind::Unit(u.clone()),
+        CheckTarget::Http(h) => CheckKind::Http(h.clone()),
+        CheckTarget::Tcp(t) => CheckKind::Tcp(t.clone()),
     };
     Check {
         name: spec.display_name(),
@@ -337,7 +339,8 @@ pub fn run_one(check: &Check, timeout: Duration, env: &CheckEnv) -> CheckResult 
 /// Spawn `cmd` in its own process group with output to an unnamed temp file; wait up to
 /// `timeout`; then kill whatever is left of the group (a hung check, or children it left
 /// behind) before reaping, so the group id cannot have been reused.
-fn run_command(mut cmd: Command, timeout: Duration) -> (bool, bool, String, String) {
+/// Returns (succeeded, timed out, status in words, output tail); also runs the hooks.
+pub fn run_command(mut cmd: Command, timeout: Duration) -> (bool, bool, String, String) {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let out = match tempfile::tempfile() {
         Ok(f) => f,
@@ -491,12 +494,12 @@ fn http_get(url: &str, timeout: Duration) -> (bool, bool, String, String) {
         }
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = match reqwest::Client::builder()
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .user_agent(concat!("update-agent-health/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
+    let client = match crate::fetch::build_tolerating_no_roots(|| {
+        reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .user_agent(concat!("update-agent-health/", env!("CARGO_PKG_VERSION")))
+    }) {
         Ok(c) => c,
         Err(e) => {
             return (

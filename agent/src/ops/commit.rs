@@ -2,10 +2,10 @@
 
 use serde::Serialize;
 
-use crate::boot::SlotId;
+use crate::boot::{BootControl, SlotId};
 use crate::error::AgentError;
 use crate::host::Host;
-use crate::state::{HistoryEntry, HistoryEvent, Phase};
+use crate::state::Transition;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CommitReport {
@@ -28,29 +28,53 @@ pub fn mark_good(host: &Host) -> Result<CommitReport, AgentError> {
     let _lock = crate::state::InstallLock::acquire(host.state.dir())?;
     let slots = host.slots()?;
     let booted = host.booted_slot(&slots)?.slot;
-    commit_slot(host, booted, "marked good by the operator")
+    commit_slot(
+        host,
+        host.boot_control()?.as_mut(),
+        booted,
+        "marked good by the operator",
+    )
 }
 
-/// Commit `slot` (the booted one) and record it with `reason`. The caller holds the lock.
+/// [`mark_good`] on behalf of someone other than the operator (e.g. a sandbox's factory
+/// setup), recorded in the history with `reason`.
+pub fn mark_good_because(host: &Host, reason: &str) -> Result<CommitReport, AgentError> {
+    let _lock = crate::state::InstallLock::acquire(host.state.dir())?;
+    let slots = host.slots()?;
+    let booted = host.booted_slot(&slots)?.slot;
+    commit_slot(host, host.boot_control()?.as_mut(), booted, reason)
+}
+
+/// Commit `slot` (the booted one) through the command's `boot` control and record it with
+/// `reason`. The caller holds the lock.
 pub(crate) fn commit_slot(
     host: &Host,
+    boot: &mut dyn BootControl,
     slot: SlotId,
     reason: &str,
 ) -> Result<CommitReport, AgentError> {
-    host.boot_control()?.commit(slot)?;
-    let version = host.state.update(|s| {
-        let version = s.slots.get(&slot).map(|r| r.version.clone());
-        s.phase = Phase::Committed {
+    boot.commit(slot)?;
+    let version = host
+        .state
+        .transition(Transition::Committed {
             slot,
-            version: version.clone().unwrap_or_default(),
-        };
-        let mut entry = HistoryEntry::now(HistoryEvent::Committed);
-        entry.version = version.clone();
-        entry.slot = Some(slot);
-        entry.reason = Some(reason.to_string());
-        s.record(entry);
-        version
-    })?;
+            reason: reason.to_string(),
+        })?
+        .version;
     tracing::info!(%slot, version = ?version, reason, "slot committed");
+    // The post-commit hook (e.g. an uncordon): recorded in the history; the commit stands.
+    let mut env = vec![("UPDATE_AGENT_SLOT".to_string(), slot.to_string())];
+    if let Some(v) = &version {
+        env.push(("UPDATE_AGENT_VERSION".to_string(), v.clone()));
+    }
+    if let Err(e) = crate::hooks::run(
+        &host.config.hooks,
+        crate::hooks::HookPoint::PostCommit,
+        &env,
+        &host.state,
+        version.as_deref(),
+    ) {
+        tracing::warn!(kind = e.kind(), error = %e, "post-commit hook failed; the commit stands");
+    }
     Ok(CommitReport { slot, version })
 }

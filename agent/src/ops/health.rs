@@ -7,17 +7,20 @@
 //!   to boot; record it as a rollback and denylist the version.
 //! - Normal boot: confirm the booted slot (reset a GRUB attempt counter) and exit.
 //!
+//! With `--no-commit` (the shipped units) a passed trial is only recorded as `Passed`; the
+//! commit is `update-agent commit` (`commit_passed`), run by update-agent-commit.service
+//! after `boot-complete.target`, so any unit the target requires can still veto it.
+//!
 //! Each boot's verdict is kept in the health journal under the kernel's boot id, so a second
 //! run on the same boot reports it and changes nothing.
 
 use std::path::PathBuf;
 
+use crate::clock::Timestamp;
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use crate::boot::grubenv::{EnvLocation, RaucVars};
-use crate::boot::{BootError, SlotId};
+use crate::boot::{BootControl, BootError, SlotId};
 use crate::config::BootBackendKind;
 use crate::error::AgentError;
 use crate::health::journal::{BootKind, BootRun, Journal, RunOutcome};
@@ -25,19 +28,22 @@ use crate::health::runner::{self, CheckEnv, CheckResult};
 use crate::health::{drill, HealthSettings};
 use crate::host::Host;
 use crate::ops::rollback;
-use crate::state::{HistoryEntry, HistoryEvent, InstallLock, Phase};
+use crate::state::{InstallLock, Phase, Transition};
 
 /// What the caller can change about a run.
 #[derive(Debug, Clone)]
 pub struct HealthOptions {
     /// Where the current boot's id is read (`/proc/sys/kernel/random/boot_id`).
     pub boot_id_path: PathBuf,
+    /// Where the time since boot is read (`/proc/uptime`): the kernel's boot time.
+    pub uptime_path: PathBuf,
 }
 
 impl Default for HealthOptions {
     fn default() -> Self {
         HealthOptions {
             boot_id_path: PathBuf::from(crate::state::BOOT_ID_PATH),
+            uptime_path: PathBuf::from(drill::PROC_UPTIME_PATH),
         }
     }
 }
@@ -67,7 +73,10 @@ impl HealthReport {
     pub fn healthy(&self) -> bool {
         matches!(
             self.outcome,
-            RunOutcome::Committed | RunOutcome::Confirmed | RunOutcome::FallbackDetected
+            RunOutcome::Passed
+                | RunOutcome::Committed
+                | RunOutcome::Confirmed
+                | RunOutcome::FallbackDetected
         )
     }
 
@@ -102,6 +111,10 @@ impl HealthReport {
                 "trial boot of slot {} ({version}): required checks passed; slot {} committed",
                 self.booted, self.booted
             ),
+            (BootKind::Trial, RunOutcome::Passed) => format!(
+                "trial boot of slot {} ({version}): required checks passed; the commit waits for boot-complete.target (`update-agent commit`)",
+                self.booted
+            ),
             (BootKind::Trial, RunOutcome::RolledBack) => format!(
                 "trial boot of slot {} ({version}) FAILED{}; slot {} boots next",
                 self.booted,
@@ -111,7 +124,7 @@ impl HealthReport {
                     .unwrap_or_else(|| "?".into())
             ),
             (BootKind::Fallback, _) => format!(
-                "fallback detected: booted slot {} ({version}) because the staged slot never came up",
+                "fallback detected: the loader booted slot {} ({version}) because the other slot never came up",
                 self.booted
             ),
             (BootKind::Normal, _) => format!("normal boot of slot {} ({version}): confirmed", self.booted),
@@ -139,13 +152,26 @@ impl HealthReport {
     }
 }
 
-fn ts(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+fn ts(t: Timestamp) -> String {
+    t.to_string()
 }
 
-/// Run the health check for the current boot.
+/// Run the health check for the current boot; a passed trial is committed.
 pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, AgentError> {
-    let settings = HealthSettings::from_config(&host.config);
+    run(host, opts, true)
+}
+
+/// Run the health check for the current boot; a passed trial is recorded as `Passed` and
+/// left on trial for `commit_passed` after `boot-complete.target`.
+pub fn health_check_no_commit(
+    host: &Host,
+    opts: &HealthOptions,
+) -> Result<HealthReport, AgentError> {
+    run(host, opts, false)
+}
+
+fn run(host: &Host, opts: &HealthOptions, commit: bool) -> Result<HealthReport, AgentError> {
+    let settings = &host.settings.health;
     let boot_id = crate::state::read_boot_id(&opts.boot_id_path)?;
     let _span = tracing::info_span!("health_check", boot_id = %boot_id).entered();
     let lock = InstallLock::acquire(host.state.dir())?;
@@ -174,16 +200,20 @@ pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, A
         .slots
         .get(&booted)
         .is_some_and(|r| state.is_denied(&r.version));
-    let ctx = Ctx {
+    // The boot control of this command, built once and handed down.
+    let mut ctx = Ctx {
         host,
-        settings: &settings,
+        settings,
         boot_id: &boot_id,
+        booted_at: drill::kernel_booted_at(&opts.uptime_path, host.clock.now()),
         journal,
+        commit,
+        boot: host.boot_control()?,
     };
     match pending {
         Some((slot, version, _)) if slot == booted => trial(ctx, lock, slot, version),
         Some((slot, version, was_trial)) => fallback(ctx, booted, slot, version, was_trial),
-        None if !booted_denied && flags_say_trial(host, booted)? => {
+        None if !booted_denied && flags_say_trial(host, ctx.boot.as_mut(), booted)? => {
             // The record lost track of a stage (an older agent, a restored state directory):
             // the flags are the truth, and a trial is never confirmed unchecked.
             let version = state
@@ -199,12 +229,19 @@ pub fn health_check(host: &Host, opts: &HealthOptions) -> Result<HealthReport, A
 }
 
 /// Whether the boot flags mark `booted` as an uncommitted trial: gptprio: not successful (a
-/// committed slot always is); grubenv: our trial mark names it (its attempt counter alone
-/// cannot tell, RAUC's script counts every boot).
-fn flags_say_trial(host: &Host, booted: SlotId) -> Result<bool, AgentError> {
+/// committed slot always is; bls: a counter; uboot: our trial mark or out of BOOT_ORDER; efi:
+/// out of BootOrder); grubenv: our trial mark names it (its attempt counter alone cannot
+/// tell, RAUC's script counts every boot).
+fn flags_say_trial(
+    host: &Host,
+    boot: &mut dyn BootControl,
+    booted: SlotId,
+) -> Result<bool, AgentError> {
     Ok(match host.config.boot.backend {
-        BootBackendKind::Gptprio => !host
-            .boot_control()?
+        BootBackendKind::Gptprio
+        | BootBackendKind::Bls
+        | BootBackendKind::Uboot
+        | BootBackendKind::Efi => !boot
             .status()?
             .slots
             .iter()
@@ -225,7 +262,13 @@ struct Ctx<'a> {
     host: &'a Host,
     settings: &'a HealthSettings,
     boot_id: &'a str,
+    /// When this boot's kernel started, recorded in the run (the drill's timeline).
+    booted_at: Option<crate::clock::Timestamp>,
     journal: Journal,
+    /// Commit a passed trial now (false: leave it to `commit_passed`).
+    commit: bool,
+    /// The host's boot control for this run.
+    boot: Box<dyn BootControl>,
 }
 
 impl Ctx<'_> {
@@ -244,27 +287,32 @@ fn trial(
     let host = ctx.host;
     let dir = host.state.dir().to_path_buf();
     let prior = ctx.journal.for_boot(ctx.boot_id).cloned();
-    let mut run = BootRun::start(ctx.boot_id, slot, Some(version.clone()), BootKind::Trial);
+    let mut run = BootRun::start_at(
+        ctx.boot_id,
+        slot,
+        Some(version.clone()),
+        BootKind::Trial,
+        host.clock.now(),
+    );
+    run.booted_at = ctx.booted_at;
     // A rerun after a crash mid-check keeps the first start and the drill it was armed with.
     match &prior {
         Some(p) => {
             run.started_at = p.started_at;
             run.drill_armed_at = p.drill_armed_at;
         }
-        None => run.drill_armed_at = drill::armed(&dir)?.map(|m| m.armed_at),
+        None => run.drill_armed_at = drill::armed(&dir, host.clock.now())?.map(|m| m.armed_at),
     }
-    host.state.update(|s| {
-        s.phase = Phase::Trial {
-            slot,
-            version: version.clone(),
-            boot_id: ctx.boot_id.to_string(),
-        }
+    host.state.transition(Transition::Trial {
+        slot,
+        version: version.clone(),
+        boot_id: ctx.boot_id.to_string(),
     })?;
     // Journal first, then the marker goes: a crash in between keeps the drill armed in the
     // journal's run, so it still fires exactly once.
     ctx.save(&run)?;
     if run.drill_armed_at.is_some() {
-        drill::take(&dir)?;
+        drill::take(&dir, host.clock.now())?;
     }
     let drill_why = run.drill_armed_at.map(|t| {
         format!(
@@ -280,7 +328,7 @@ fn trial(
     };
     let verdict = runner::run_all(&checks, ctx.settings.total_timeout, &env);
     run.checks = verdict.results.clone();
-    run.checks_done_at = Some(OffsetDateTime::now_utc());
+    run.checks_done_at = Some(host.clock.now());
 
     if verdict.passed {
         let wanted: Vec<String> = verdict.wanted_failures().map(|r| r.name.clone()).collect();
@@ -293,18 +341,25 @@ fn trial(
                 format!("; wanted checks failed, not fatal: {}", wanted.join(", "))
             }
         );
-        if let Err(e) = crate::ops::commit::commit_slot(host, slot, &reason) {
+        if !ctx.commit {
+            run.outcome = RunOutcome::Passed;
+            run.reason = Some(reason);
+            run.finished_at = Some(host.clock.now());
+            ctx.save(&run)?;
+            return Ok(HealthReport::from_run(&run, false));
+        }
+        if let Err(e) = crate::ops::commit::commit_slot(host, ctx.boot.as_mut(), slot, &reason) {
             run.outcome = RunOutcome::Error;
             run.reason = Some(format!(
                 "checks passed but committing slot {slot} failed: {e}"
             ));
-            run.finished_at = Some(OffsetDateTime::now_utc());
+            run.finished_at = Some(host.clock.now());
             ctx.save(&run)?;
             return Err(e);
         }
         run.outcome = RunOutcome::Committed;
         run.reason = Some(reason);
-        run.finished_at = Some(OffsetDateTime::now_utc());
+        run.finished_at = Some(host.clock.now());
         ctx.save(&run)?;
         return Ok(HealthReport::from_run(&run, false));
     }
@@ -319,12 +374,11 @@ fn trial(
     } else {
         format!("health check failed on slot {slot} ({version}): {failure}")
     };
-    let mut boot = host.boot_control()?;
     // The drill tests the mechanism, not the release: its version stays installable.
-    match rollback::roll_back(host, boot.as_mut(), slot, &reason, !is_drill) {
+    match rollback::roll_back(host, ctx.boot.as_mut(), slot, &reason, !is_drill) {
         Ok(r) => {
             run.outcome = RunOutcome::RolledBack;
-            run.rolled_back_at = Some(OffsetDateTime::now_utc());
+            run.rolled_back_at = Some(host.clock.now());
             run.rolled_back_to = Some(r.to);
             run.reason = Some(reason);
             run.finished_at = run.rolled_back_at;
@@ -346,20 +400,15 @@ fn trial(
             );
             run.outcome = RunOutcome::Error;
             run.reason = Some(why.clone());
-            run.finished_at = Some(OffsetDateTime::now_utc());
+            run.finished_at = Some(host.clock.now());
             ctx.save(&run)?;
             let kind = e.kind().to_string();
-            host.state.update(|s| {
-                s.phase = Phase::Failed {
-                    kind: kind.clone(),
-                    message: why.clone(),
-                };
-                let mut entry = HistoryEntry::now(HistoryEvent::Failed);
-                entry.version = Some(version.clone());
-                entry.slot = Some(slot);
-                entry.reason = Some(why.clone());
-                entry.error_kind = Some(kind.clone());
-                s.record(entry);
+            host.state.transition(Transition::Failed {
+                version: Some(version.clone()),
+                slot: Some(slot),
+                kind,
+                message: why,
+                keep_pending: false,
             })?;
             Err(e)
         }
@@ -376,7 +425,14 @@ fn fallback(
     let host = ctx.host;
     let state = host.state.load()?;
     let booted_version = state.slots.get(&booted).map(|r| r.version.clone());
-    let mut run = BootRun::start(ctx.boot_id, booted, booted_version, BootKind::Fallback);
+    let mut run = BootRun::start_at(
+        ctx.boot_id,
+        booted,
+        booted_version,
+        BootKind::Fallback,
+        host.clock.now(),
+    );
+    run.booted_at = ctx.booted_at;
     let reason = format!(
         "new slot failed to boot: slot {staged} ({version}) {}, and the loader fell back to slot {booted}",
         if was_trial {
@@ -386,32 +442,25 @@ fn fallback(
         }
     );
     tracing::error!(%staged, %booted, version, "{reason}");
-    let mut boot = host.boot_control()?;
-    let denylisted = match rollback::roll_back(host, boot.as_mut(), staged, &reason, true) {
+    let denylisted = match rollback::roll_back(host, ctx.boot.as_mut(), staged, &reason, true) {
         Ok(r) => r.denylisted,
         Err(e) => {
             // The loader already gave up on the slot; record the truth even if the flags
             // could not be tidied.
             tracing::warn!(error = %e, "could not clear the failed slot's boot flags");
             let reason = format!("{reason} (its boot flags were left as they are: {e})");
-            host.state.update(|s| {
-                s.deny(&version, &reason);
-                s.phase = Phase::RolledBack {
-                    reason: reason.clone(),
-                    from_version: Some(version.clone()),
-                };
-                let mut entry = HistoryEntry::now(HistoryEvent::RolledBack);
-                entry.version = Some(version.clone());
-                entry.slot = Some(staged);
-                entry.reason = Some(reason.clone());
-                entry.error_kind = Some(e.kind().to_string());
-                s.record(entry);
-            })?;
-            Some(version.clone())
+            host.state
+                .transition(Transition::RolledBack {
+                    from: staged,
+                    reason,
+                    deny: true,
+                    error_kind: Some(e.kind().to_string()),
+                })?
+                .denylisted
         }
     };
     run.outcome = RunOutcome::FallbackDetected;
-    run.rolled_back_at = Some(OffsetDateTime::now_utc());
+    run.rolled_back_at = Some(host.clock.now());
     run.rolled_back_to = Some(booted);
     run.reason = Some(reason);
     run.finished_at = run.rolled_back_at;
@@ -425,8 +474,24 @@ fn normal(mut ctx: Ctx<'_>, booted: SlotId) -> Result<HealthReport, AgentError> 
     let host = ctx.host;
     let state = host.state.load()?;
     let version = state.slots.get(&booted).map(|r| r.version.clone());
-    let mut run = BootRun::start(ctx.boot_id, booted, version.clone(), BootKind::Normal);
-    let mut boot = host.boot_control()?;
+    // The record says the other slot is committed, yet the loader booted this one: the
+    // committed slot booted once without reaching its health check (power lost mid-boot, a
+    // hang) and its attempts ran out. Policy (docs/health.md, "A committed slot that falls
+    // back"): confirm the slot that runs, record the fallback (phase, history, metrics), do
+    // not denylist the newer release: the daemon's next cycle installs it again and it earns
+    // its commit through a fresh trial boot.
+    let fell_back_from = match &state.phase {
+        Phase::Committed { slot, version } if *slot != booted => Some((*slot, version.clone())),
+        _ => None,
+    };
+    let kind = if fell_back_from.is_some() {
+        BootKind::Fallback
+    } else {
+        BootKind::Normal
+    };
+    let mut run = BootRun::start_at(ctx.boot_id, booted, version.clone(), kind, host.clock.now());
+    run.booted_at = ctx.booted_at;
+    let boot = ctx.boot.as_mut();
     let good = boot
         .status()?
         .slots
@@ -446,7 +511,79 @@ fn normal(mut ctx: Ctx<'_>, booted: SlotId) -> Result<HealthReport, AgentError> 
     tracing::info!(%booted, "{reason}");
     run.outcome = RunOutcome::Confirmed;
     run.reason = Some(reason);
-    run.finished_at = Some(OffsetDateTime::now_utc());
+    if let Some((committed, committed_version)) = fell_back_from {
+        let why = format!(
+            "committed slot {committed} ({committed_version}) fell back to slot {booted}: it booted without reaching its health check and the loader gave up on it; {committed_version} is not denylisted and is installed again through a trial boot"
+        );
+        tracing::error!(%committed, %booted, version = committed_version, "{why}");
+        host.state.transition(Transition::RolledBack {
+            from: committed,
+            reason: why.clone(),
+            deny: false,
+            error_kind: None,
+        })?;
+        run.outcome = RunOutcome::FallbackDetected;
+        run.rolled_back_to = Some(booted);
+        run.reason = Some(why);
+    }
+    run.finished_at = Some(host.clock.now());
     ctx.save(&run)?;
+    Ok(HealthReport::from_run(&run, false))
+}
+
+/// `update-agent commit`: after `boot-complete.target`, commit the trial whose checks passed
+/// on this boot (`health-check --no-commit`). A boot already judged otherwise (normal boot
+/// confirmed, fallback recorded, already committed) is left alone and reported; a boot whose
+/// check did not pass, or never ran, is refused with `health_not_passed` and nothing changes.
+pub fn commit_passed(host: &Host, opts: &HealthOptions) -> Result<HealthReport, AgentError> {
+    let boot_id = crate::state::read_boot_id(&opts.boot_id_path)?;
+    let _lock = InstallLock::acquire(host.state.dir())?;
+    let mut journal = Journal::load_or_set_aside(host.state.dir())?;
+    let refuse = |why: String| {
+        AgentError::Health(crate::health::HealthError::NotPassed {
+            boot_id: boot_id.clone(),
+            why,
+        })
+    };
+    let Some(run) = journal.for_boot(&boot_id).cloned() else {
+        return Err(refuse(
+            "the health check has not run on this boot (is update-agent-health.service enabled?)"
+                .into(),
+        ));
+    };
+    match run.outcome {
+        RunOutcome::Passed => {}
+        RunOutcome::Committed | RunOutcome::Confirmed | RunOutcome::FallbackDetected => {
+            return Ok(HealthReport::from_run(&run, true));
+        }
+        other => {
+            return Err(refuse(format!(
+                "the health check's verdict is {other:?}, not passed"
+            )))
+        }
+    }
+    let mut run = run;
+    let reason = run
+        .reason
+        .clone()
+        .unwrap_or_else(|| "health checks passed on the trial boot".into());
+    let reason = format!("{reason}; committed after boot-complete.target");
+    if let Err(e) =
+        crate::ops::commit::commit_slot(host, host.boot_control()?.as_mut(), run.booted, &reason)
+    {
+        run.outcome = RunOutcome::Error;
+        run.reason = Some(format!(
+            "checks passed but committing slot {} failed: {e}",
+            run.booted
+        ));
+        journal.upsert(run);
+        journal.save(host.state.dir())?;
+        return Err(e);
+    }
+    run.outcome = RunOutcome::Committed;
+    run.reason = Some(reason);
+    run.finished_at = Some(host.clock.now());
+    journal.upsert(run.clone());
+    journal.save(host.state.dir())?;
     Ok(HealthReport::from_run(&run, false))
 }

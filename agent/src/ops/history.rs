@@ -2,7 +2,6 @@
 //! and reasons, oldest first, and the denylist.
 
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
 
 use crate::error::AgentError;
 use crate::host::Host;
@@ -28,8 +27,8 @@ pub fn history(host: &Host, limit: Option<usize>) -> Result<HistoryReport, Agent
     })
 }
 
-fn ts(t: time::OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+fn ts(t: crate::clock::Timestamp) -> String {
+    t.to_string()
 }
 
 impl HistoryReport {
@@ -56,7 +55,26 @@ impl HistoryReport {
             if let Some(r) = &e.reason {
                 out += &format!(": {r}");
             }
+            if let Some(t) = &e.transfer {
+                out += &format!(" ({} KiB fetched", t.bytes_fetched >> 10);
+                if t.requests > 0 {
+                    out += &format!(
+                        ", {} KiB reused, {} request(s)",
+                        t.bytes_reused >> 10,
+                        t.requests
+                    );
+                }
+                if let Some(f) = &t.fallback {
+                    out += &format!(", fell back to the full image: {f}");
+                }
+                out += ")";
+            }
             out += "\n";
+            if let Some(h) = e.hook.as_ref().filter(|h| !h.output_tail.is_empty()) {
+                for line in h.output_tail.lines() {
+                    out += &format!("    | {line}\n");
+                }
+            }
         }
         if !self.denylist.is_empty() {
             out += "denylisted:\n";

@@ -9,6 +9,8 @@ pub mod health;
 pub mod history;
 pub mod manifest;
 pub mod reboot;
+pub mod reset;
 pub mod resume;
 pub mod rollback;
 pub mod status;
+pub mod testhold;

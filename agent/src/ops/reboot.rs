@@ -1,31 +1,42 @@
-//! Rebooting through the configured command (default `systemctl reboot`).
-
-use std::process::Command;
+//! Rebooting: the host's [`crate::host::Reboot`] (by default `[reboot] command`, i.e.
+//! `systemctl reboot`).
 
 use crate::error::AgentError;
 use crate::host::Host;
 
-/// Runs `[reboot] command`. Returns when the command has accepted the request; the reboot
-/// itself happens after this process is asked to stop.
+/// Asks the host to reboot. Returns when the request has been accepted; the reboot itself
+/// happens after this process is asked to stop.
 pub fn reboot(host: &Host) -> Result<(), AgentError> {
-    let cmd = &host.config.reboot.command;
-    let Some((program, args)) = cmd.split_first() else {
-        return Err(AgentError::Refused(
-            "[reboot] command is empty: nothing to run".into(),
-        ));
-    };
-    tracing::info!(command = ?cmd, "rebooting");
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .map_err(|source| AgentError::Io {
-            what: format!("running reboot command {program}"),
-            source,
-        })?;
-    if !status.success() {
-        return Err(AgentError::Refused(format!(
-            "reboot command {cmd:?} failed: {status}"
-        )));
+    // The pre-reboot hook (e.g. a drain). Into a staged release its failure cancels the
+    // reboot; any other reboot (back to the old slot after a rollback) goes ahead anyway:
+    // a failed drain must not keep a host on the release it is leaving.
+    let version = host.state.load().ok().and_then(|s| match s.phase {
+        crate::state::Phase::Staged { version, .. } => Some(version),
+        _ => None,
+    });
+    let mut env = vec![(
+        "UPDATE_AGENT_REBOOT_INTO".to_string(),
+        if version.is_some() {
+            "update"
+        } else {
+            "rollback"
+        }
+        .to_string(),
+    )];
+    if let Some(v) = &version {
+        env.push(("UPDATE_AGENT_VERSION".to_string(), v.clone()));
     }
-    Ok(())
+    if let Err(e) = crate::hooks::run(
+        &host.config.hooks,
+        crate::hooks::HookPoint::PreReboot,
+        &env,
+        &host.state,
+        version.as_deref(),
+    ) {
+        if version.is_some() {
+            return Err(e.into());
+        }
+        tracing::warn!(kind = e.kind(), error = %e, "pre-reboot hook failed; rebooting anyway (not into an update)");
+    }
+    host.reboot.request()
 }

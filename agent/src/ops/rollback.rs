@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::boot::{BootControl, SlotId};
 use crate::error::AgentError;
 use crate::host::Host;
-use crate::state::{HistoryEntry, HistoryEvent, Phase, State};
+use crate::state::{Phase, Transition};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RollbackReport {
@@ -59,22 +59,22 @@ pub fn rollback(host: &Host, reboot: bool) -> Result<RollbackReport, AgentError>
     let state = host.state.load()?;
     if let Phase::Staged { slot, version } = &state.phase {
         if *slot == to {
-            return Err(AgentError::Refused(format!(
-                "slot {to} holds {version}, staged but never booted: it is no rollback target. \
-                 To drop the pending update run `update-agent cancel`"
-            )));
+            return Err(AgentError::RollbackTargetStaged {
+                slot: to,
+                version: version.clone(),
+            });
         }
     }
     if !state.slot_verified(to) {
-        return Err(AgentError::Refused(format!(
-            "refusing to roll back to slot {to}: {}; only a slot holding a verified image is a rollback target",
-            match state.slots.get(&to) {
+        return Err(AgentError::RollbackTargetUnverified {
+            slot: to,
+            detail: match state.slots.get(&to) {
                 Some(r) => format!("its image ({}) was not verified", r.version),
                 None => "this agent has no record of a verified image in it (it was never \
                          installed by this agent, or an install into it was started since)"
                     .to_string(),
-            }
-        )));
+            },
+        });
     }
     let mut boot = host.boot_control()?;
     let reason = format!("manual rollback from slot {booted} by the operator");
@@ -100,26 +100,13 @@ pub(crate) fn roll_back(
     let to = from.other();
     boot.rollback(to)?;
     tracing::warn!(%from, %to, reason, "rolled back");
-    let (from_version, to_version, denylisted) = host.state.update(|s| {
-        let (fv, tv) = versions(s, from);
-        let denied = match (&fv, deny) {
-            (Some(v), true) => {
-                s.deny(v, reason);
-                Some(v.clone())
-            }
-            _ => None,
-        };
-        s.phase = Phase::RolledBack {
-            reason: reason.to_string(),
-            from_version: fv.clone(),
-        };
-        let mut entry = HistoryEntry::now(HistoryEvent::RolledBack);
-        entry.version = fv.clone();
-        entry.slot = Some(from);
-        entry.reason = Some(reason.to_string());
-        s.record(entry);
-        (fv, tv, denied)
+    let out = host.state.transition(Transition::RolledBack {
+        from,
+        reason: reason.to_string(),
+        deny,
+        error_kind: None,
     })?;
+    let (from_version, to_version, denylisted) = (out.version, out.other_version, out.denylisted);
     Ok(RollbackReport {
         from,
         from_version,
@@ -129,15 +116,4 @@ pub(crate) fn roll_back(
         reason: reason.to_string(),
         rebooting: false,
     })
-}
-
-fn versions(s: &State, from: SlotId) -> (Option<String>, Option<String>) {
-    let v = |slot: SlotId| s.slots.get(&slot).map(|r| r.version.clone());
-    let from_version = match &s.phase {
-        Phase::Staged { slot, version } | Phase::Trial { slot, version, .. } if *slot == from => {
-            Some(version.clone())
-        }
-        _ => v(from),
-    };
-    (from_version, v(from.other()))
 }

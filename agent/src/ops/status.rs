@@ -11,6 +11,7 @@ use crate::state::{Phase, SlotRecord};
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotReport {
     pub slot: SlotId,
+    #[serde(serialize_with = "crate::jsonout::with_role")]
     pub partitions: Vec<(String, Partition)>,
     pub flags_role: String,
     /// What this host installed there, as its state records it.
@@ -32,6 +33,8 @@ pub struct StatusReport {
     pub wave_seed: Option<u32>,
     /// The FleetLock reboot slot this host holds, if any (released after a committed boot).
     pub fleetlock_held: Option<crate::fleet::lock::HeldSlot>,
+    /// Trust root, manifest keys, and what the transport exposes (`trust::status`).
+    pub trust: crate::trust::TrustStatus,
 }
 
 /// Reads everything; writes nothing.
@@ -68,7 +71,35 @@ pub fn status(host: &Host) -> Result<StatusReport, AgentError> {
         fleetlock_held: crate::fleet::lock::HeldSlot::load(host.state.dir())
             .ok()
             .flatten(),
+        trust: crate::trust::status(host),
     })
+}
+
+/// The state record's phase as a sentence.
+pub fn phase_text(phase: &Phase) -> String {
+    match phase {
+        Phase::Idle => "idle".into(),
+        Phase::Downloading {
+            version,
+            bytes_done,
+        } => format!("installing {version} ({bytes_done} bytes durable at the last checkpoint)"),
+        Phase::Staged { slot, version } => {
+            format!("{version} staged in slot {slot}, waiting for the reboot")
+        }
+        Phase::Trial { slot, version, .. } => {
+            format!("trial boot of {version} in slot {slot}: health check pending")
+        }
+        Phase::Committed { slot, version } => format!("{version} committed in slot {slot}"),
+        Phase::RolledBack {
+            reason,
+            from_version,
+        } => match from_version {
+            Some(v) => format!("rolled back from {v}: {reason}"),
+            None => format!("rolled back: {reason}"),
+        },
+        Phase::Failed { kind, message } => format!("failed [{kind}]: {message}"),
+        Phase::Unknown => "unknown (written by a newer agent)".into(),
+    }
 }
 
 impl StatusReport {
@@ -122,10 +153,7 @@ impl StatusReport {
             Some(n) => out += &format!("next boot: slot {n} ({})\n", self.boot.reason),
             None => out += &format!("next boot: NOTHING BOOTABLE ({})\n", self.boot.reason),
         }
-        out += &format!(
-            "phase: {}\n",
-            serde_json::to_string(&self.phase).unwrap_or_default()
-        );
+        out += &format!("phase: {}\n", phase_text(&self.phase));
         if !self.denylist.is_empty() {
             out += &format!("denylisted versions: {}\n", self.denylist.join(", "));
         }
@@ -143,6 +171,7 @@ impl StatusReport {
                 h.group, h.taken_at, h.version
             );
         }
+        out += &self.trust.render();
         out
     }
 }

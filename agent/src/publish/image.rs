@@ -154,6 +154,7 @@ pub fn prepare_image_level(
         compression,
         compressed_size: len,
         compressed_sha256,
+        chunk_index: None,
     };
     // Belt and braces: never hand out an entry the schema would refuse.
     if let Err(e) = entry.validate_at("") {

@@ -4,9 +4,12 @@
 //! the publisher and the agent cannot disagree; this module adds files, time and compression.
 //! `update-publish` is a thin CLI over these functions; tests and the demo call them directly.
 
+pub mod bundle;
+mod chunked;
 mod fsutil;
 mod image;
 mod keys;
+pub mod root;
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +18,7 @@ use updater_proto::{
     VerifyContext, VerifyError, Wave,
 };
 
+pub use chunked::{chunker, prepare_chunked_image};
 pub use fsutil::{write_atomic, WriteMode};
 pub use image::{prepare_image, prepare_image_level, DEFAULT_ZSTD_LEVEL};
 pub use keys::{generate_key, load_public_key, load_signing_key, GeneratedKey, PublicKeyFile};
@@ -104,6 +108,17 @@ pub enum PublishError {
     /// The signed manifest failed verification.
     #[error("{0}")]
     Verify(#[from] VerifyError),
+    /// A trust root that cannot be built, signed or accepted.
+    #[error("{0}")]
+    Root(#[from] updater_proto::RootError),
+    /// A manifest, or a file it names, that cannot go into a bundle.
+    #[error("bundle input {}: {detail}", path.display())]
+    BadBundleInput {
+        /// The manifest or the file it names.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 impl PublishError {
@@ -122,6 +137,8 @@ impl PublishError {
             PublishError::InvalidManifest(_) => "invalid_manifest",
             PublishError::Policy(e) => e.kind(),
             PublishError::Verify(e) => e.kind(),
+            PublishError::Root(e) => e.kind(),
+            PublishError::BadBundleInput { .. } => "bad_bundle_input",
         }
     }
 }
@@ -236,8 +253,8 @@ pub fn parse_time(text: &str, base: i64) -> Result<i64, String> {
     if let Ok(n) = text.parse::<i64>() {
         return Ok(n);
     }
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map(|t| t.unix_timestamp())
+    text.parse::<jiff::Timestamp>()
+        .map(|t| t.as_second())
         .map_err(|e| format!("not +DURATION, Unix seconds or RFC 3339: {e}"))
 }
 
@@ -260,13 +277,7 @@ pub fn parse_wave(text: &str, issued_at: i64) -> Result<Wave, PublishError> {
 
 /// Render Unix seconds as RFC 3339 UTC for humans (falls back to the number).
 pub fn format_time(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
+    crate::clock::rfc3339_or_number(unix)
 }
 
 #[cfg(test)]
