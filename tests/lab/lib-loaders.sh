@@ -181,7 +181,7 @@ loaders_disk() {
         dd if="$img" of="$out" bs=1M seek="$(($(qemu_part "$out" $n off) / 1048576))" \
             conv=notrunc,sparse status=none || return 1
     done
-    sgdisk -v "$out" | grep -q "No problems found" || return 1
+    sgdisk -v "$out" | has "No problems found" || return 1
     cp "$LOADERS_OVMF_VARS" "$out.vars"
     rm -rf "$w"
 }

@@ -362,7 +362,7 @@ qemu_disk() {
             conv=notrunc,sparse status=none || return 1
     done
     qemu_grub_install "$out" "$(($(qemu_part "$out" 1 off) / 512))" || return 1
-    sgdisk -v "$out" | grep -q "No problems found" || return 1
+    sgdisk -v "$out" | has "No problems found" || return 1
     rm -rf "$w"
 }
 
@@ -545,10 +545,10 @@ qemu_wait() {
     local name=$1 re=$2 secs=$3 end
     end=$(($(date +%s) + secs))
     while [ "$(date +%s)" -lt "$end" ]; do
-        qemu_console_boot "$name" | grep -qE "$re" && return 0
+        qemu_console_boot "$name" | has -E "$re" && return 0
         if ! qemu_alive "$name"; then
             sleep 0.5
-            qemu_console_boot "$name" | grep -qE "$re" && return 0
+            qemu_console_boot "$name" | has -E "$re" && return 0
             fail "$name: QEMU ended before the console showed /$re/ (console: $QRUN/$name.console)"
             return 1
         fi
@@ -566,7 +566,7 @@ qemu_wait_quiet() {
     local pats=()
     for f in "$@"; do pats+=(-e "$f"); done
     while [ "$(date +%s)" -lt "$end" ]; do
-        qemu_console_boot "$name" | grep -qF "${pats[@]}" && return 0
+        qemu_console_boot "$name" | has -F "${pats[@]}" && return 0
         qemu_alive "$name" || return 1
         sleep 0.5
     done

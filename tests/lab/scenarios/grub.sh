@@ -7,7 +7,7 @@ scenario_grub_cfg() {
     for n in 1 2 3 9; do
         out=$("$AGENT_BIN" boot grub-cfg --tries "$n") || { fail "grub-cfg --tries $n failed"; return 1; }
         printf '%s\n' "$out" | grub-script-check || { fail "grub-script-check rejects grub-cfg --tries $n"; return 1; }
-        printf '%s\n' "$out" | grep -q "\"\$TRY\" -lt $n ];" || { fail "grub-cfg --tries $n does not stop at $n tries"; return 1; }
+        printf '%s\n' "$out" | has "\"\$TRY\" -lt $n ];" || { fail "grub-cfg --tries $n does not stop at $n tries"; return 1; }
     done
     for n in 0 10; do
         if "$AGENT_BIN" boot grub-cfg --tries "$n" >/dev/null 2>&1; then

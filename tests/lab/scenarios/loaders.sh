@@ -32,10 +32,9 @@ loaders_begin() {
     qemu_server_start "$QRUN/$Q/repo" || return 1
 }
 
-# The current boot's console has a line matching the extended regex. (grep reads it all:
-# with `grep -q` under pipefail the writer's SIGPIPE would turn a match into a failure.)
+# The current boot's console has a line matching the extended regex.
 loaders_console_has() {
-    qemu_console_boot "$Q" | grep -E "$1" >/dev/null
+    qemu_console_boot "$Q" | has -E "$1"
 }
 
 # The four releases of the cycle (image name prefix $1), the disk with 1.0.0 in A, and 1.1.0
@@ -90,7 +89,7 @@ bls_entries_are() {
     names=$(loaders_esp_ls "$DISK" loader/entries)
     [ "$(printf '%s\n' "$names" | grep -c .)" -eq $# ] || { fail "ESP loader/entries is '$(echo $names)', expected $# entries: $*"; return 1; }
     for re in "$@"; do
-        printf '%s\n' "$names" | grep -qxE "$re" || { fail "ESP loader/entries is '$(echo $names)', none is /$re/"; return 1; }
+        printf '%s\n' "$names" | has -xE "$re" || { fail "ESP loader/entries is '$(echo $names)', none is /$re/"; return 1; }
     done
 }
 

@@ -58,7 +58,7 @@ UNIT
     failed=$(sed -n '/^== failed/,/^== units/p' "$PROBE" | grep -v '^==')
     [ -z "$failed" ] || fail "failed units: $(echo "$failed" | tr '\n' ' ')"
     grep -q "^settled_after" "$PROBE" || fail "probe output incomplete"
-    sed -n '/^== jobs/,/^== failed/p' "$PROBE" | grep -qv '^==' && fail "jobs never finished: $(sed -n '/^== jobs/,/^== failed/p' "$PROBE" | grep -v '^==' | tr '\n' ' ')"
+    sed -n '/^== jobs/,/^== failed/p' "$PROBE" | has -v '^==' && fail "jobs never finished: $(sed -n '/^== jobs/,/^== failed/p' "$PROBE" | grep -v '^==' | tr '\n' ' ')"
     assert_unit "$PROBE" update-agent-health.service active success
     assert_unit "$PROBE" update-agent-commit.service active success
     assert_unit "$PROBE" update-agent.service active success
@@ -101,8 +101,8 @@ scenario_units_nspawn_trial() {
     # The disk afterwards: the trial mark is gone, A is good.
     local env
     env=$(grub-editenv "$TREE/boot/grub/grubenv" list)
-    echo "$env" | grep -q "^UPDATE_AGENT_TRIAL=" && fail "grubenv still marks a trial: $(echo "$env" | tr '\n' ' ')"
-    echo "$env" | grep -q "^A_OK=1$" || fail "grubenv lost A_OK=1: $(echo "$env" | tr '\n' ' ')"
+    echo "$env" | has "^UPDATE_AGENT_TRIAL=" && fail "grubenv still marks a trial: $(echo "$env" | tr '\n' ' ')"
+    echo "$env" | has "^A_OK=1$" || fail "grubenv lost A_OK=1: $(echo "$env" | tr '\n' ' ')"
     [ -z "$FAIL_REASON" ]
 }
 
@@ -131,7 +131,7 @@ UNIT
     grep -q "committed after boot-complete.target" "$PROBE" && fail "the trial was committed despite the veto"
     grep -q "Dependency failed for update-agent" "$LAB/trees/units-nspawn-veto.journal" \
         || fail "systemd did not report the commit/daemon dependency failure"
-    grub-editenv "$TREE/boot/grub/grubenv" list | grep -q "^UPDATE_AGENT_TRIAL=A$" \
+    grub-editenv "$TREE/boot/grub/grubenv" list | has "^UPDATE_AGENT_TRIAL=A$" \
         || fail "the trial mark is gone though the boot was vetoed"
     [ -z "$FAIL_REASON" ]
 }

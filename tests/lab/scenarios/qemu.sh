@@ -99,12 +99,12 @@ qemu_env_is() {
     local env kv
     env=$(qemu_env "$DISK")
     for kv in "$@"; do
-        printf '%s\n' "$env" | grep -qxF "$kv" || { fail "grubenv lacks $kv: $(printf '%s' "$env" | tr '\n' ' ')"; return 1; }
+        printf '%s\n' "$env" | has -xF "$kv" || { fail "grubenv lacks $kv: $(printf '%s' "$env" | tr '\n' ' ')"; return 1; }
     done
 }
 
 qemu_disk_ok() {
-    sgdisk -v "$DISK" 2>&1 | grep -q "No problems found" || { fail "sgdisk -v: $(sgdisk -v "$DISK" 2>&1 | head -3 | tr '\n' ' ')"; return 1; }
+    sgdisk -v "$DISK" 2>&1 | has "No problems found" || { fail "sgdisk -v: $(sgdisk -v "$DISK" 2>&1 | head -3 | tr '\n' ' ')"; return 1; }
 }
 
 qemu_poweroff() {
@@ -165,7 +165,7 @@ qemu_daemon_update_boots() {
     qemu_unit_is boot-complete.target active/ || return 1
     qemu_unit_is update-agent-commit.service active/success || return 1
     qemu_unit_is update-agent.service active/success || return 1
-    qemu_console_boot "$Q" | sed -n '/LAB-JOURNAL-BEGIN$/,/LAB-JOURNAL-END$/p' | grep -q "commit waits for boot-complete.target" \
+    qemu_console_boot "$Q" | sed -n '/LAB-JOURNAL-BEGIN$/,/LAB-JOURNAL-END$/p' | has "commit waits for boot-complete.target" \
         || { fail "the health unit did not leave the commit to boot-complete.target (journal)"; return 1; }
     qemu_history_is '[.entries[] | select(.event == "committed" and .version == "1.1.0")] | length == 1' || return 1
     qemu_status_is '.booted.slot == "B"' '.phase.phase == "committed"' || return 1
@@ -186,7 +186,7 @@ scenario_bad_release_rollback() {
     qemu_start "$Q" "$DISK"
     qemu_wait "$Q" 'LAB-GRUB-BOOT B' "$Q_T_GRUB" || return 1
     qemu_wait_exit "$Q" "$Q_T_SETTLE" || return 1
-    qemu_console_boot "$Q" | grep -q "LAB-SETTLED" && { fail "the failed trial boot settled instead of rolling back"; return 1; }
+    qemu_console_boot "$Q" | has "LAB-SETTLED" && { fail "the failed trial boot settled instead of rolling back"; return 1; }
     qemu_env_is "ORDER=A B" || return 1
     local gets
     gets=$(qemu_server_gets '^/stable/.*\.zst$')
@@ -225,7 +225,7 @@ scenario_loader_fallback() {
     # passed on this boot, and the daemon (Requires= it) must not start.
     qemu_unit_is update-agent-commit.service failed/exit-code || return 1
     qemu_unit_is update-agent.service inactive/success || return 1
-    qemu_console_boot "$Q" | grep -q "health_not_passed" \
+    qemu_console_boot "$Q" | has "health_not_passed" \
         || { fail "the commit unit did not refuse with health_not_passed"; return 1; }
     qemu_kill "$Q"
     qemu_env_is "B_TRY=1" "UPDATE_AGENT_TRIAL=B" || return 1
@@ -234,7 +234,7 @@ scenario_loader_fallback() {
     qemu_boot_expect A 1.0.0 || return 1
     qemu_history_is '[.entries[] | select(.event == "rolled_back" and .version == "1.3.0")] | length == 1' \
         '.denylist | map(.version) | index("1.3.0") != null' || return 1
-    qemu_console_boot "$Q" | grep -q "new slot failed to boot" || { fail "the agent's journal does not tell the fallback"; return 1; }
+    qemu_console_boot "$Q" | has "new slot failed to boot" || { fail "the agent's journal does not tell the fallback"; return 1; }
     qemu_poweroff || return 1
     qemu_env_is "A_OK=1" "A_TRY=0" || return 1
     qemu_disk_ok || return 1
@@ -253,7 +253,7 @@ qemu_tries_spent() {
     while [ "$t" -lt "$QEMU_TRIES" ]; do
         qemu_start "$Q" "$DISK"
         qemu_wait "$Q" 'LAB-GRUB-(BOOT [AB]|RESCUE)' "$Q_T_GRUB" || return 1
-        qemu_console_boot "$Q" | grep -q "LAB-GRUB-BOOT $slot" \
+        qemu_console_boot "$Q" | has "LAB-GRUB-BOOT $slot" \
             || { fail "with ${slot}_TRY=$t of $QEMU_TRIES GRUB did not boot $slot again: $(qemu_console_boot "$Q" | grep -oE 'LAB-GRUB-(BOOT [AB]|RESCUE)' | head -1)"; return 1; }
         qemu_initrd_is "$slot" "$ver" || return 1
         qemu_kill "$Q"
@@ -285,14 +285,14 @@ scenario_committed_slot_falls_back() {
     # seconds): the record of the fallback is the history entry and the agent's verdict.
     qemu_status_is '.booted.slot == "A"' '(.denylist | index("1.1.0")) == null' \
         '(.phase.phase == "rolled_back" and .phase.from_version == "1.1.0") or .phase.phase == "downloading" or .phase.phase == "staged"' || return 1
-    qemu_console_boot "$Q" | grep -q "reason: committed slot B (1.1.0) fell back to slot A" \
+    qemu_console_boot "$Q" | has "reason: committed slot B (1.1.0) fell back to slot A" \
         || { fail "the health check's verdict does not tell the fallback of the committed slot"; return 1; }
     qemu_history_is '[.entries[] | select(.event == "rolled_back" and .version == "1.1.0" and (.reason | test("committed slot B")))] | length == 1' || return 1
     # Policy: the daemon installs 1.1.0 again and reboots into its trial.
     qemu_wait_exit "$Q" "$Q_T_INSTALL" || return 1
     local m
     m=$(qemu_data_file "$DISK" metrics.prom)
-    printf '%s\n' "$m" | grep -q '^update_agent_rollbacks_total 1$' || { fail "metrics do not count the fallback: $(printf '%s' "$m" | grep rollbacks)"; return 1; }
+    printf '%s\n' "$m" | has '^update_agent_rollbacks_total 1$' || { fail "metrics do not count the fallback: $(printf '%s' "$m" | grep rollbacks)"; return 1; }
     qemu_env_is "UPDATE_AGENT_TRIAL=B" "B_TRY=0" || return 1
     qemu_b_trial_commits 1.1.0
 }
@@ -309,7 +309,7 @@ scenario_apply_by_hand() {
     qemu_wait_exit "$Q" "$Q_T_INSTALL" || return 1
     local out
     out=$(qemu_console_boot "$Q" | sed -n '/update-agent apply --reboot/,$p')
-    printf '%s\n' "$out" | grep -qiE "staged|installed" || { fail "apply printed no summary: $(printf '%s' "$out" | tail -5 | tr '\n' ' ')"; return 1; }
+    printf '%s\n' "$out" | has -iE "staged|installed" || { fail "apply printed no summary: $(printf '%s' "$out" | tail -5 | tr '\n' ' ')"; return 1; }
     printf '%s\n' "$out" > "$QRUN/$Q/apply.out"
     qemu_b_trial_commits 1.1.0
 }
@@ -406,7 +406,7 @@ qemu_env_lacks() {
     local env k
     env=$(qemu_env "$DISK")
     for k in "$@"; do
-        printf '%s\n' "$env" | grep -q "^$k=" && { fail "grubenv still has $(printf '%s\n' "$env" | grep "^$k=")"; return 1; }
+        printf '%s\n' "$env" | has "^$k=" && { fail "grubenv still has $(printf '%s\n' "$env" | grep "^$k=")"; return 1; }
     done
     return 0
 }
@@ -521,7 +521,7 @@ qemu_restart_ended() {
     [ -n "$pid" ] && wait "$pid" 2>/dev/null
     qemu_reader_done "$name"
     # A QEMU that ended before GRUB ran did not reboot: it failed to start.
-    qemu_console_boot "$name" | grep -q 'LAB-GRUB' \
+    qemu_console_boot "$name" | has 'LAB-GRUB' \
         || { fail "$name: QEMU ended before GRUB ran: $(head -c 300 "$QRUN/$name.qemu.log")"; return 1; }
     date +%s%3N >>"$QRUN/$name.ends"
     qemu_start "$@"
@@ -570,8 +570,9 @@ group = "lab"'
         view=$(qemu_fleetlock) || { fail "the FleetLock view did not answer"; return 1; }
         case $phase in
             wait-g2)
-                # g2 took the slot for its trial: only now is g1 offered its release.
-                g2id=$(printf '%s' "$view" | jq -r '[.events[] | select(.op == "pre-reboot" and .status == 200)][0].id // empty')
+                # g2 took the slot for its trial: only now is g1 offered its release. (Only
+                # the group "lab": the clock's calibration node holds its own group's slot.)
+                g2id=$(printf '%s' "$view" | jq -r '[.events[] | select(.group == "lab" and .op == "pre-reboot" and .status == 200)][0].id // empty')
                 if [ -n "$g2id" ]; then
                     qemu_publish 1.1.0 "$img_good" 1 || { fail "publish 1.1.0 failed"; return 1; }
                     phase=g2-back
@@ -581,9 +582,9 @@ group = "lab"'
                 # g2 rolled back and is up on A again (its third boot settled), and g1 has been
                 # refused at least twice since.
                 if [ "$(grep -c '^=== boot' "$QRUN/g2.console")" -ge 3 ] \
-                    && Q=g2 qemu_console_boot g2 | grep -q LAB-SETTLED; then
-                    g1id=$(printf '%s' "$view" | jq -r --arg g2 "$g2id" '[.events[] | select(.op == "pre-reboot" and .id != $g2)][0].id // empty')
-                    if [ -n "$g1id" ] && [ "$(printf '%s' "$view" | jq --arg g1 "$g1id" '[.events[] | select(.op == "pre-reboot" and .id == $g1 and .status != 200)] | length')" -ge 2 ]; then
+                    && Q=g2 qemu_console_boot g2 | has LAB-SETTLED; then
+                    g1id=$(printf '%s' "$view" | jq -r --arg g2 "$g2id" '[.events[] | select(.group == "lab" and .op == "pre-reboot" and .id != $g2)][0].id // empty')
+                    if [ -n "$g1id" ] && [ "$(printf '%s' "$view" | jq --arg g1 "$g1id" '[.events[] | select(.group == "lab" and .op == "pre-reboot" and .id == $g1 and .status != 200)] | length')" -ge 2 ]; then
                         phase=check-halt
                     fi
                 fi
@@ -606,7 +607,7 @@ group = "lab"'
                 ;;
             g1-done)
                 # g1 took the slot, rebooted into 1.1.0, committed and gave the slot back.
-                if printf '%s' "$view" | jq -e --arg g1 "$g1id" '[.events[] | select(.op == "steady-state" and .id == $g1 and .status == 200)] | length >= 1' >/dev/null; then
+                if printf '%s' "$view" | jq -e --arg g1 "$g1id" '[.events[] | select(.group == "lab" and .op == "steady-state" and .id == $g1 and .status == 200)] | length >= 1' >/dev/null; then
                     phase=done
                     break
                 fi
@@ -628,9 +629,9 @@ group = "lab"'
     # Every reboot (QEMU ending, host clock) of each guest lies inside its own holding: g2's
     # from its grant until the operator freed it, g1's from its grant until it gave it back.
     local g1_from g1_to g2_from
-    g2_from=$(printf '%s' "$view" | jq --arg id "$g2id" --argjson t0 "$t0" '[.events[] | select(.op == "pre-reboot" and .id == $id and .status == 200)][0].at_ms + $t0')
-    g1_from=$(printf '%s' "$view" | jq --arg id "$g1id" --argjson t0 "$t0" '[.events[] | select(.op == "pre-reboot" and .id == $id and .status == 200)][0].at_ms + $t0')
-    g1_to=$(printf '%s' "$view" | jq --arg id "$g1id" --argjson t0 "$t0" '[.events[] | select(.op == "steady-state" and .id == $id and .status == 200)][0].at_ms + $t0')
+    g2_from=$(printf '%s' "$view" | jq --arg id "$g2id" --argjson t0 "$t0" '[.events[] | select(.group == "lab" and .op == "pre-reboot" and .id == $id and .status == 200)][0].at_ms + $t0')
+    g1_from=$(printf '%s' "$view" | jq --arg id "$g1id" --argjson t0 "$t0" '[.events[] | select(.group == "lab" and .op == "pre-reboot" and .id == $id and .status == 200)][0].at_ms + $t0')
+    g1_to=$(printf '%s' "$view" | jq --arg id "$g1id" --argjson t0 "$t0" '[.events[] | select(.group == "lab" and .op == "steady-state" and .id == $id and .status == 200)][0].at_ms + $t0')
     [ "$(wc -l <"$QRUN/g2.ends")" -eq 2 ] || { fail "g2 should have rebooted twice (trial, rollback): $(wc -l <"$QRUN/g2.ends")"; return 1; }
     [ "$(wc -l <"$QRUN/g1.ends")" -eq 1 ] || { fail "g1 should have rebooted once: $(wc -l <"$QRUN/g1.ends")"; return 1; }
     while read -r t; do
