@@ -390,3 +390,37 @@ fn the_pipeline_reaches_the_disk_only_through_block_device() {
     }
     assert!(found.is_empty(), "disk I/O around BlockDevice: {found:?}");
 }
+
+/// Architecture invariant: every time the agent stamps or decides by comes from a `Clock`
+/// (`Host::clock`), so a test can run it at a chosen instant: outside `clock.rs` no product
+/// code reads the wall clock itself. (`bin/update-publish.rs` is the publisher's tool, not
+/// the agent; monotonic `Instant`s for rates and timeouts are not wall-clock time.)
+#[test]
+fn the_wall_clock_is_read_only_through_clock() {
+    let src = src_dir();
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut readers = Vec::new();
+    for file in &files {
+        let rel = file.strip_prefix(&src).unwrap();
+        if rel == Path::new("clock.rs") || rel == Path::new("bin/update-publish.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        for (n, line) in non_test_code(&text).lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for needle in ["Timestamp::now(", "SystemTime::now("] {
+                if code.contains(needle) {
+                    readers.push(format!("{}:{}: {}", rel.display(), n + 1, code.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        readers.is_empty(),
+        "the wall clock is read outside crate::clock:\n{}",
+        readers.join("\n")
+    );
+    let clock = std::fs::read_to_string(src.join("clock.rs")).unwrap();
+    assert!(non_test_code(&clock).contains("Timestamp::now()"));
+}

@@ -222,16 +222,23 @@ fn every_cut_of_a_health_journal_replace_leaves_the_old_or_the_new_journal() {
     use update_agent::health::journal::{BootKind, BootRun, Journal, RunOutcome};
     let dir = tempfile::tempdir().unwrap();
     let mut j = Journal::default();
-    j.upsert(BootRun::start(
+    j.upsert(BootRun::start_at(
         "boot-1",
         SlotId::A,
         Some("1.0.0".into()),
         BootKind::Normal,
+        jiff::Timestamp::now(),
     ));
     j.save(dir.path()).unwrap();
     let load = |d: &Path| Journal::load(d).unwrap();
     let n = check_json_record("health journal", dir.path(), "health.json", load, || {
-        let mut run = BootRun::start("boot-2", SlotId::B, Some("2.0.0".into()), BootKind::Trial);
+        let mut run = BootRun::start_at(
+            "boot-2",
+            SlotId::B,
+            Some("2.0.0".into()),
+            BootKind::Trial,
+            jiff::Timestamp::now(),
+        );
         run.outcome = RunOutcome::Committed;
         j.upsert(run);
         j.save(dir.path()).unwrap()

@@ -29,7 +29,7 @@ fn sample() -> State {
     };
     s.observe_serial("stable", 7);
     s.observe_serial("stable", 3);
-    s.deny("1.2.2", "health check ssh failed");
+    s.deny_at("1.2.2", "health check ssh failed", jiff::Timestamp::now());
     s.slots.insert(
         SlotId::A,
         SlotRecord {
@@ -38,7 +38,7 @@ fn sample() -> State {
             verified: true,
         },
     );
-    let mut e = HistoryEntry::now(HistoryEvent::Staged);
+    let mut e = HistoryEntry::stamped(HistoryEvent::Staged, jiff::Timestamp::now());
     e.version = Some("1.2.3".into());
     e.slot = Some(SlotId::B);
     s.record(e);
@@ -102,7 +102,7 @@ fn history_is_bounded_oldest_dropped() {
     let store = StateStore::open(dir.path()).unwrap();
     let mut s = State::default();
     for i in 0..HISTORY_LIMIT + 25 {
-        let mut e = HistoryEntry::now(HistoryEvent::Failed);
+        let mut e = HistoryEntry::stamped(HistoryEvent::Failed, jiff::Timestamp::now());
         e.reason = Some(format!("attempt {i}"));
         s.history.push(e);
     }
@@ -227,7 +227,11 @@ fn concurrent_saves_never_mix_bytes() {
                 for i in 0..25u64 {
                     let mut s = State::default();
                     s.observe_serial("stable", t * 1000 + i);
-                    s.deny(&"v".repeat((t * 50 + i) as usize % 300 + 1), "x");
+                    s.deny_at(
+                        &"v".repeat((t * 50 + i) as usize % 300 + 1),
+                        "x",
+                        jiff::Timestamp::now(),
+                    );
                     store.save(&s).unwrap();
                 }
             });

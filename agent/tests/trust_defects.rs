@@ -438,7 +438,7 @@ async fn state_reset_keeps_the_floor_and_the_denylist_unless_all() {
     check(&w).await.unwrap();
     let store = StateStore::open(&w.state_dir).unwrap();
     store
-        .update(|s| s.deny("1.9.0", "health check failed"))
+        .update(|s| s.deny_at("1.9.0", "health check failed", jiff::Timestamp::now()))
         .unwrap();
 
     // A corrupt record: every command names the way out, which exists.
@@ -472,7 +472,7 @@ async fn state_reset_keeps_the_floor_and_the_denylist_unless_all() {
 
     // A readable record keeps its denylist too.
     store
-        .update(|s| s.deny("1.9.0", "health check failed"))
+        .update(|s| s.deny_at("1.9.0", "health check failed", jiff::Timestamp::now()))
         .unwrap();
     let out = cli(&w, &["state", "reset"]);
     assert!(

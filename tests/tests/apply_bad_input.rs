@@ -229,7 +229,13 @@ async fn denylisted_version_is_refused() {
     world.publish("2.0.0", Vec::new()).unwrap();
     StateStore::open(&world.state_dir)
         .unwrap()
-        .update(|s| s.deny("2.0.0", "rolled back: health check web failed"))
+        .update(|s| {
+            s.deny_at(
+                "2.0.0",
+                "rolled back: health check web failed",
+                update_agent::clock::Timestamp::now(),
+            )
+        })
         .unwrap();
     let a_before = snapshot(&world, SlotId::A);
     let err = assert_clean_failure(&world, apply_default(&world).await, "denylisted", &a_before);

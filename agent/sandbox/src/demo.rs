@@ -350,7 +350,8 @@ async fn apply_with_progress(
     out: Output,
 ) -> Result<ops::apply::ApplyReport, AgentError> {
     let mut bar = update_agent::cli::progress::Progress::new(out.progress);
-    let mut live = update_agent::progress::live::LiveWriter::new(host.state.dir(), None);
+    let mut live =
+        update_agent::progress::live::LiveWriter::new(host.state.dir(), None, host.clock.clone());
     let report = ops::apply::apply(host, &ops::apply::ApplyOptions::default(), &mut |ev| {
         live.event(&ev);
         bar.event(ev)

@@ -245,7 +245,8 @@ impl Agent {
         // Progress reaches the bus through the feed (the same path as the daemon's installs).
         let worker = tokio::task::spawn_blocking(move || {
             let rt = crate::host::runtime()?;
-            let mut live = crate::progress::live::LiveWriter::new(host.state.dir(), None);
+            let mut live =
+                crate::progress::live::LiveWriter::new(host.state.dir(), None, host.clock.clone());
             let r = rt.block_on(crate::ops::apply::apply(&host, &opts, &mut |ev| {
                 live.event(&ev)
             }));

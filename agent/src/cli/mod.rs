@@ -358,7 +358,7 @@ pub fn run(
                 no_readback: args.no_readback,
             };
             let mut bar = progress::Progress::new(out.progress);
-            let mut live = live::LiveWriter::new(host.state.dir(), None);
+            let mut live = live::LiveWriter::new(host.state.dir(), None, host.clock.clone());
             let result =
                 crate::host::runtime()?.block_on(ops::apply::apply(&host, &opts, &mut |ev| {
                     live.event(&ev);

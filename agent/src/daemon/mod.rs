@@ -407,7 +407,11 @@ impl Daemon {
         let version = check.version.clone();
         let mut last_pct = None;
         // What `update-agent status` shows of this install from another process.
-        let mut live = crate::progress::live::LiveWriter::new(self.host.state.dir(), None);
+        let mut live = crate::progress::live::LiveWriter::new(
+            self.host.state.dir(),
+            None,
+            self.host.clock.clone(),
+        );
         let mut progress = move |ev: ProgressEvent| {
             live.event(&ev);
             let phase = format!("{:?}", ev.phase).to_lowercase();

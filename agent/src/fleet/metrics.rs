@@ -341,13 +341,19 @@ mod tests {
     fn rollbacks_total_is_monotonic_across_history_trimming() {
         let mut c = Counters::default();
         let mut state = State::default();
-        state.record(HistoryEntry::now(HistoryEvent::RolledBack));
+        state.record(HistoryEntry::stamped(
+            HistoryEvent::RolledBack,
+            jiff::Timestamp::now(),
+        ));
         c.count_rollbacks(&state);
         c.count_rollbacks(&state);
         assert_eq!(c.rollbacks_total, 1);
         // The history fills up with other events until the rollback is trimmed away.
         for _ in 0..crate::state::HISTORY_LIMIT {
-            state.record(HistoryEntry::now(HistoryEvent::Committed));
+            state.record(HistoryEntry::stamped(
+                HistoryEvent::Committed,
+                jiff::Timestamp::now(),
+            ));
         }
         assert!(state
             .history
@@ -355,7 +361,7 @@ mod tests {
             .all(|h| h.event != HistoryEvent::RolledBack));
         c.count_rollbacks(&state);
         assert_eq!(c.rollbacks_total, 1);
-        let mut later = HistoryEntry::now(HistoryEvent::RolledBack);
+        let mut later = HistoryEntry::stamped(HistoryEvent::RolledBack, jiff::Timestamp::now());
         later.at += jiff::SignedDuration::from_secs(1);
         state.record(later);
         c.count_rollbacks(&state);
@@ -386,7 +392,10 @@ mod tests {
             },
             ..State::default()
         };
-        state.record(HistoryEntry::now(HistoryEvent::RolledBack));
+        state.record(HistoryEntry::stamped(
+            HistoryEvent::RolledBack,
+            jiff::Timestamp::now(),
+        ));
         c.count_rollbacks(&state);
         let live = Live {
             wave_seed: Some(17),

@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::clock::Timestamp;
+use crate::clock::{Clock, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use super::runner::CheckResult;
@@ -87,11 +87,6 @@ pub struct BootRun {
 }
 
 impl BootRun {
-    /// A run starting now (see [`BootRun::start_at`]).
-    pub fn start(boot_id: &str, booted: SlotId, version: Option<String>, kind: BootKind) -> Self {
-        Self::start_at(boot_id, booted, version, kind, Timestamp::now())
-    }
-
     /// A run of this boot's check, started `at` (the host's clock).
     pub fn start_at(
         boot_id: &str,
@@ -146,13 +141,10 @@ impl Journal {
     /// `health.json.corrupt-<unix time>` and an empty one is used. It is a log, not a guard:
     /// the state record's phase and denylist still keep a rerun from confirming a failed
     /// slot, and refusing to judge the boot would roll back a good update.
-    pub fn load_or_set_aside(state_dir: &Path) -> Result<Journal, HealthError> {
+    pub fn load_or_set_aside(state_dir: &Path, clock: &dyn Clock) -> Result<Journal, HealthError> {
         match Self::load(state_dir) {
             Err(HealthError::JournalCorrupt { path, source }) => {
-                let aside = state_dir.join(format!(
-                    "{JOURNAL_FILE}.corrupt-{}",
-                    Timestamp::now().as_second()
-                ));
+                let aside = state_dir.join(format!("{JOURNAL_FILE}.corrupt-{}", clock.unix()));
                 std::fs::rename(&path, &aside).map_err(io_err(&path))?;
                 crate::state::atomic::sync_dir(state_dir).map_err(io_err(state_dir))?;
                 tracing::warn!(path = %path.display(), aside = %aside.display(), error = %source,

@@ -175,7 +175,7 @@ fn run(host: &Host, opts: &HealthOptions, commit: bool) -> Result<HealthReport, 
     let boot_id = crate::state::read_boot_id(&opts.boot_id_path)?;
     let _span = tracing::info_span!("health_check", boot_id = %boot_id).entered();
     let lock = InstallLock::acquire(host.state.dir())?;
-    let journal = Journal::load_or_set_aside(host.state.dir())?;
+    let journal = Journal::load_or_set_aside(host.state.dir(), host.clock.as_ref())?;
     if let Some(run) = journal.for_boot(&boot_id) {
         if run.outcome != RunOutcome::InProgress {
             tracing::info!(outcome = ?run.outcome, "verdict already recorded for this boot");
@@ -538,7 +538,7 @@ fn normal(mut ctx: Ctx<'_>, booted: SlotId) -> Result<HealthReport, AgentError> 
 pub fn commit_passed(host: &Host, opts: &HealthOptions) -> Result<HealthReport, AgentError> {
     let boot_id = crate::state::read_boot_id(&opts.boot_id_path)?;
     let _lock = InstallLock::acquire(host.state.dir())?;
-    let mut journal = Journal::load_or_set_aside(host.state.dir())?;
+    let mut journal = Journal::load_or_set_aside(host.state.dir(), host.clock.as_ref())?;
     let refuse = |why: String| {
         AgentError::Health(crate::health::HealthError::NotPassed {
             boot_id: boot_id.clone(),

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::clock::Timestamp;
+use crate::clock::{Clock, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use super::Tally;
@@ -82,10 +82,16 @@ pub struct LiveWriter {
     last_phase: Option<Phase>,
     /// (when, bytes done) samples of the last seconds, for the rate.
     samples: std::collections::VecDeque<(Instant, u64)>,
+    /// Stamps `updated_at` (the host's clock; rates use the monotonic one).
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 impl LiveWriter {
-    pub fn new(state_dir: &Path, version: Option<String>) -> LiveWriter {
+    pub fn new(
+        state_dir: &Path,
+        version: Option<String>,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> LiveWriter {
         let feed = std::os::unix::net::UnixDatagram::unbound()
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .ok();
@@ -98,6 +104,7 @@ impl LiveWriter {
             last_write: None,
             last_phase: None,
             samples: Default::default(),
+            clock,
         }
     }
 
@@ -140,7 +147,7 @@ impl LiveWriter {
             total: view.total,
             bytes_per_second: rate,
             eta_seconds: (rate > 0.0).then(|| view.total.saturating_sub(view.done) as f64 / rate),
-            updated_at: Timestamp::now(),
+            updated_at: self.clock.now(),
         };
         if let Err(e) = self.publish(&live) {
             tracing::debug!(error = %e, path = %self.path.display(), "cannot publish progress");

@@ -260,10 +260,10 @@ pub struct HookRecord {
 }
 
 impl HistoryEntry {
-    /// An entry stamped now with only the event set.
-    pub fn now(event: HistoryEvent) -> Self {
+    /// An entry stamped `at` with only the event set.
+    pub fn stamped(event: HistoryEvent, at: Timestamp) -> Self {
         HistoryEntry {
-            at: Timestamp::now(),
+            at,
             event,
             version: None,
             slot: None,
@@ -348,13 +348,8 @@ impl State {
         self.denylist.iter().any(|d| d.version == version)
     }
 
-    /// Put `version` on the denylist (once), stamped now.
-    pub fn deny(&mut self, version: &str, reason: &str) {
-        self.deny_at(version, reason, Timestamp::now());
-    }
-
     /// Put `version` on the denylist (once), stamped `at`.
-    pub(crate) fn deny_at(&mut self, version: &str, reason: &str, at: Timestamp) {
+    pub fn deny_at(&mut self, version: &str, reason: &str, at: Timestamp) {
         if !self.is_denied(version) {
             self.denylist.push(DenyEntry {
                 version: version.to_string(),
