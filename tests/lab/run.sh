@@ -18,8 +18,7 @@ NSPAWN_TIMEOUT=${LAB_NSPAWN_TIMEOUT:-240}
 
 ALL_SCENARIOS=(grub-cfg units-nspawn units-nspawn-trial units-nspawn-veto
     daemon-update bad-release-rollback loader-fallback committed-slot-falls-back apply-by-hand
-    crash-during-install crash-at-flip drill)
-# Run only when named: fleetlock-two-guests (written, not yet seen passing: docs/lab.md).
+    crash-during-install crash-at-flip drill fleetlock-two-guests)
 
 # shellcheck source=tests/lab/lib.sh
 . "$HERE/lib.sh"
