@@ -563,6 +563,9 @@ group = "lab"'
     rm -f "$QRUN"/g1.* "$QRUN"/g2.*
     qemu_start g1 "$d1" "$port1" "$lockfwd"
     qemu_start g2 "$d2" "$port2" "$lockfwd"
+    # Premise: both machines reach GRUB (not, say, a firmware's shell), within GRUB's bound.
+    qemu_wait g1 'LAB-GRUB-BOOT A' "$Q_T_GRUB" || return 1
+    qemu_wait g2 'LAB-GRUB-BOOT A' "$Q_T_GRUB" || return 1
     local end=$(($(date +%s) + 3 * Q_T_INSTALL)) view g2id="" g1id="" phase=wait-g2 released_ms=0 t
     while [ "$(date +%s)" -lt "$end" ]; do
         qemu_restart_ended g1 "$d1" "$port1" "$lockfwd" || return 1
