@@ -24,6 +24,25 @@ use uuid::Uuid;
 /// from "committed".
 pub const TRIAL_VAR: &str = "UPDATE_AGENT_TRIAL";
 
+/// What a RAUC-style selection script (GRUB's `contrib/grub.conf`, U-Boot's `boot.cmd`) does
+/// on one boot: the slot it boots, or `None` when none qualified (GRUB's rescue entry,
+/// U-Boot's `reset`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderChoice {
+    /// The slot booted, if any.
+    pub booted: Option<SlotId>,
+    /// `true` when no slot qualified and the script reset the attempt counters.
+    pub reset_tries: bool,
+}
+
+impl LoaderChoice {
+    /// The kernel command line argument the script passes (`rauc.slot=A|B`); feed it to
+    /// [`grubenv::booted_slot_from_cmdline`].
+    pub fn cmdline(&self) -> Option<String> {
+        self.booted.map(|s| format!("rauc.slot={s}"))
+    }
+}
+
 /// A slot token of RAUC's variables (`ORDER`, `BOOT_ORDER`, the trial mark): `A` or `B`.
 pub(crate) fn parse_slot_token(token: &str) -> Option<SlotId> {
     match token {

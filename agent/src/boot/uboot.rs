@@ -3,13 +3,14 @@
 //! Variables (RAUC's `contrib/uboot.sh`): `BOOT_ORDER` is the space-separated list of slots in
 //! the order the boot script tries them; `BOOT_A_LEFT` / `BOOT_B_LEFT` the attempts left. The
 //! script ([`choose`], shipped as `docs/uboot/boot.cmd`) boots the first slot in `BOOT_ORDER`
-//! whose counter is above 0, decrementing it (`setexpr`, so the stored value is hexadecimal)
-//! and `saveenv`; when none qualifies it sets both counters to 3, `saveenv` and `reset`s.
+//! whose counter is `1`-`9`, decrementing it (a countdown table, so it also runs where
+//! U-Boot has no `setexpr`) and saving; when none qualifies it sets both counters to 3,
+//! saves and `reset`s.
 //! Missing variables get the script's defaults (`"A B"`, 3, 3).
 //!
 //! The agent is stricter than the script: it refuses to act on an environment without
 //! RAUC's three variables, with a `BOOT_ORDER` other than distinct `A`/`B` tokens, or with a
-//! counter that is not a hexadecimal number, and writes nothing then.
+//! counter that is not one digit, and writes nothing then.
 //!
 //! Operations: `stage` puts the slot first in `BOOT_ORDER` with `tries` attempts and records
 //! it in [`TRIAL_VAR`] (ignored by U-Boot); `commit` sets the slot's counter to `tries` (RAUC's
@@ -24,12 +25,15 @@ use super::ubootenv::{EnvStore, UbootEnv, UbootEnvError};
 use super::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
 use std::path::Path;
 
+/// What the boot script does on one run; `None` booted: no slot qualified, the script reset
+/// the counters and the board (`reset`), and the next power-on runs it again.
+pub use super::LoaderChoice;
 /// Our own variable naming the slot staged for a trial boot and not yet committed.
 pub use super::TRIAL_VAR;
 /// What RAUC's script sets missing counters to, and both counters to when nothing is left.
 pub const SCRIPT_TRIES: u32 = 3;
-/// Largest `boot.tries`: one hexadecimal digit reads the same in decimal (RAUC writes
-/// decimal, `setexpr` writes hexadecimal).
+/// Largest `boot.tries`: the script's countdown table holds one digit (which also reads
+/// the same in RAUC's decimal and `setexpr`'s hexadecimal).
 pub const MAX_TRIES_LIMIT: u8 = 9;
 /// Where libubootenv looks for its configuration.
 pub const FW_ENV_CONFIG: &str = "/etc/fw_env.config";
@@ -90,17 +94,19 @@ pub fn left_var(slot: SlotId) -> String {
 
 use super::parse_slot_token as parse_slot;
 
-/// A counter as the script reads it (`test 0x${BOOT_A_LEFT} -gt 0`): hexadecimal digits.
+/// A counter as the script's countdown table reads it: exactly one digit `0`-`9` (the
+/// script boots a slot whose counter is `1`-`9` and skips any other text, which the agent
+/// refuses rather than guess; digits read the same in RAUC's decimal and `setexpr`'s hex).
 fn parse_left(value: &str) -> Option<u32> {
-    if value.is_empty() || value.len() > 8 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
+    match value.as_bytes() {
+        [d @ b'0'..=b'9'] => Some(u32::from(d - b'0')),
+        _ => None,
     }
-    u32::from_str_radix(value, 16).ok()
 }
 
-/// A counter as `setexpr` stores it (`%lx`).
+/// A counter as the script writes it (one digit; counters never exceed [`MAX_TRIES_LIMIT`]).
 fn format_left(n: u32) -> String {
-    format!("{n:x}")
+    n.to_string()
 }
 
 /// RAUC's variables decoded strictly: all three present, `BOOT_ORDER` distinct `A`/`B`.
@@ -157,7 +163,7 @@ impl UbootVars {
                 bad(
                     &name,
                     v,
-                    "expected a hexadecimal attempt count (as setexpr writes)",
+                    "expected one digit 0-9 (the boot script counts down from at most 9)",
                 )
             })
         };
@@ -193,23 +199,6 @@ impl UbootVars {
     }
 }
 
-/// What the boot script does on one run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoaderChoice {
-    /// The slot booted, or `None` when no slot qualified and the script reset the counters
-    /// and the board (`reset`): the next power-on runs the script again.
-    pub booted: Option<SlotId>,
-    /// `true` when the counters were reset to [`SCRIPT_TRIES`].
-    pub reset_tries: bool,
-}
-
-impl LoaderChoice {
-    /// The kernel command line argument the script passes (`rauc.slot=A|B`).
-    pub fn cmdline(&self) -> Option<String> {
-        self.booted.map(|s| format!("rauc.slot={s}"))
-    }
-}
-
 /// THE choice rule: RAUC's U-Boot script run on `env` in memory, step for step (defaults
 /// for missing or empty variables, the first slot in `BOOT_ORDER` with a counter above 0,
 /// decremented; none: both counters set to 3). `env` is left as the script's `saveenv`
@@ -219,7 +208,7 @@ pub fn choose(env: &mut UbootEnv, location: &str) -> Result<LoaderChoice, UbootE
         location: location.to_string(),
         name: name.to_string(),
         value: value.to_string(),
-        reason: "the boot script cannot compare it as a number".into(),
+        reason: "the boot script counts down one digit 0-9 and would not boot this slot".into(),
     };
     // test -n "${X}" || setenv X default
     if env.get("BOOT_ORDER").is_none_or(str::is_empty) {
@@ -615,14 +604,20 @@ mod tests {
         assert_eq!(e.get("BOOT_A_LEFT"), Some("3"));
         assert_eq!(choose(&mut e, "mem").unwrap().booted, Some(SlotId::B));
 
-        // Hexadecimal as setexpr writes it; unknown tokens are skipped.
+        // Unknown tokens are skipped; the countdown goes 9 -> 8.
         let mut e = env(&[
             ("BOOT_ORDER", "X A"),
-            ("BOOT_A_LEFT", "a"),
+            ("BOOT_A_LEFT", "9"),
             ("BOOT_B_LEFT", "0"),
         ]);
         assert_eq!(choose(&mut e, "mem").unwrap().booted, Some(SlotId::A));
-        assert_eq!(e.get("BOOT_A_LEFT"), Some("9"));
+        assert_eq!(e.get("BOOT_A_LEFT"), Some("8"));
+        // Counters the script's one-digit table does not hold: refused, not guessed.
+        for v in ["a", "10", "03", "0x3", " 3"] {
+            let mut e = env(&[("BOOT_ORDER", "A B"), ("BOOT_A_LEFT", v)]);
+            let err = choose(&mut e, "mem").unwrap_err();
+            assert_eq!(err.kind(), "uboot_bad_value", "{v:?}");
+        }
     }
 
     #[test]
@@ -638,6 +633,8 @@ mod tests {
             ("BOOT_ORDER", "A A", "uboot_bad_value"),
             ("BOOT_ORDER", " ", "uboot_bad_value"),
             ("BOOT_A_LEFT", "three", "uboot_bad_value"),
+            ("BOOT_A_LEFT", "a", "uboot_bad_value"),
+            ("BOOT_A_LEFT", "12", "uboot_bad_value"),
             ("BOOT_B_LEFT", "", "uboot_bad_value"),
         ] {
             let mut e = env(&base);

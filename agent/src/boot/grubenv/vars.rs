@@ -5,6 +5,9 @@
 use super::{EnvLocation, GrubEnv, GrubEnvError, SlotId};
 use std::path::Path;
 
+/// What GRUB's selection script does on one boot (RAUC's `contrib/grub.conf`); `None`
+/// booted: GRUB fell through to its rescue entry.
+pub use crate::boot::LoaderChoice;
 /// Our own variable naming the slot staged for a trial boot and not yet committed.
 pub use crate::boot::TRIAL_VAR;
 
@@ -142,23 +145,6 @@ pub(super) fn order_with_first(current: &[String], first: SlotId) -> String {
         out.push(other_s);
     }
     out.join(" ")
-}
-
-/// What GRUB's selection script does on one boot (RAUC's `contrib/grub.conf`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoaderChoice {
-    /// The slot booted, or `None` when GRUB fell through to its rescue entry.
-    pub booted: Option<SlotId>,
-    /// `true` when no slot qualified and the OK slots' attempt counters were reset.
-    pub reset_tries: bool,
-}
-
-impl LoaderChoice {
-    /// The kernel command line RAUC's menu entry passes (`rauc.slot=A|B`), or `None` for the
-    /// rescue entry; feed it to [`booted_slot_from_cmdline`].
-    pub fn cmdline(&self) -> Option<String> {
-        self.booted.map(|s| format!("rauc.slot={s}"))
-    }
 }
 
 /// The loader's choice rule: run the script's logic on `env` in memory (the `save_env` is
