@@ -350,6 +350,10 @@ async fn drill_rolls_back_once_and_reports_pass_grubenv() {
 
 async fn fallback_detected(backend: Backend) {
     let (_d, mut world) = world(backend).await;
+    if backend == Backend::Uboot {
+        // The sandbox's U-Boot world gives 3 attempts; this cycle spends one.
+        world.set_config("boot", "tries", 1).unwrap();
+    }
     assert_eq!(install(&mut world, "2.0.0").await, SlotId::B);
     // The new slot boots but hangs before its health check; the watchdog reboots, tries are
     // spent, the loader falls back.
@@ -739,4 +743,89 @@ async fn a_committed_slot_that_falls_back_is_reported_not_confirmed_silently_gru
     );
     assert_eq!(world.boot().unwrap(), Some(SlotId::B));
     assert_eq!(world.health_check().unwrap().outcome, RunOutcome::Committed);
+}
+
+// The same cycles with the uboot backend (RAUC's U-Boot variables, simulated by sim_uboot).
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pass_commits_uboot() {
+    pass_commits(Backend::Uboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_required_check_rolls_back_uboot() {
+    failing_required_rolls_back(Backend::Uboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_rolls_back_once_and_reports_pass_uboot() {
+    drill_cycle(Backend::Uboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_is_detected_when_the_new_slot_never_checks_in_uboot() {
+    fallback_detected(Backend::Uboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trial_the_record_forgot_is_still_checked_uboot() {
+    trial_known_only_to_the_flags(Backend::Uboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_after_three_tries_uboot() {
+    fallback_after_several_tries(Backend::Uboot).await;
+}
+
+// The same cycles with the efi backend (BootNext/BootOrder, simulated by sim_efi).
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pass_commits_efi() {
+    pass_commits(Backend::Efi).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_required_check_rolls_back_efi() {
+    failing_required_rolls_back(Backend::Efi).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_rolls_back_once_and_reports_pass_efi() {
+    drill_cycle(Backend::Efi).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_is_detected_when_the_new_slot_never_checks_in_efi() {
+    fallback_detected(Backend::Efi).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trial_the_record_forgot_is_still_checked_efi() {
+    trial_known_only_to_the_flags(Backend::Efi).await;
+}
+
+/// RAUC's U-Boot script counts every boot of every slot: a committed slot keeps booting
+/// for many more boots than it has attempts, because each normal boot's health check gives
+/// them back (the defect: "already marked good" left the counter spent, and the host fell
+/// back to the old slot after `tries` reboots).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_committed_uboot_slot_keeps_booting_past_its_tries() {
+    let (_d, mut world) = world(Backend::Uboot).await;
+    world.set_config("boot", "tries", 2).unwrap();
+    assert_eq!(install(&mut world, "2.0.0").await, SlotId::B);
+    assert_eq!(world.boot().unwrap(), Some(SlotId::B));
+    assert_eq!(world.health_check().unwrap().outcome, RunOutcome::Committed);
+    for n in 0..6 {
+        assert_eq!(world.boot().unwrap(), Some(SlotId::B), "normal boot {n}");
+        let r = world.health_check().unwrap();
+        assert_eq!(
+            (r.kind, r.outcome),
+            (BootKind::Normal, RunOutcome::Confirmed),
+            "normal boot {n}"
+        );
+        let host = world.host().unwrap();
+        let st = host.boot_control().unwrap().status().unwrap();
+        let b = st.slots.iter().find(|s| s.slot == SlotId::B).unwrap();
+        assert_eq!(b.tries, 2, "normal boot {n}: BOOT_B_LEFT restored");
+    }
 }

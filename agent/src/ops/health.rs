@@ -20,7 +20,7 @@ use crate::clock::Timestamp;
 use serde::Serialize;
 
 use crate::boot::grubenv::{EnvLocation, RaucVars};
-use crate::boot::{BootControl, BootError, SlotId};
+use crate::boot::{BootControl, BootError, SlotId, SlotStatus};
 use crate::config::BootBackendKind;
 use crate::error::AgentError;
 use crate::health::journal::{BootKind, BootRun, Journal, RunOutcome};
@@ -226,6 +226,13 @@ fn run(host: &Host, opts: &HealthOptions, commit: bool) -> Result<HealthReport, 
         }
         None => normal(ctx, booted),
     }
+}
+
+/// RAUC's U-Boot script counts every boot down (`BOOT_x_LEFT`), committed slots too: a
+/// confirmed slot below `tries` gets its attempts back on each normal boot, as RAUC's
+/// mark-good does; otherwise a committed slot falls back after `tries` reboots.
+fn counted_down(host: &Host, s: &SlotStatus) -> bool {
+    host.config.boot.backend == BootBackendKind::Uboot && s.tries < host.config.boot.tries
 }
 
 /// Whether the boot flags mark `booted` as an uncommitted trial: gptprio: not successful (a
@@ -496,7 +503,7 @@ fn normal(mut ctx: Ctx<'_>, booted: SlotId) -> Result<HealthReport, AgentError> 
         .status()?
         .slots
         .iter()
-        .any(|s| s.slot == booted && s.successful);
+        .any(|s| s.slot == booted && s.successful && !counted_down(host, s));
     let reason = match &version {
         Some(v) if state.is_denied(v) => {
             tracing::warn!(%booted, version = v, "booted slot runs a denylisted version; not confirming it");
