@@ -155,7 +155,7 @@ loaders_entry() {
 loaders_disk() {
     local out=$1 slot_a=$2 w=$1.work
     rm -rf "$w" "$out" "$out.vars"
-    mkdir -p "$w/esp/EFI/BOOT" "$w/esp/loader/entries" "$w/data"
+    mkdir -p "$w/esp/EFI/BOOT" "$w/esp/loader/entries"
     local total=$((1 + 1 + LOADERS_ESP_MIB + 2 * QEMU_SLOT_MIB + QEMU_DATA_MIB + 1))
     truncate -s "${total}M" "$out"
     sgdisk -Z "$out" >/dev/null 2>&1
@@ -173,14 +173,7 @@ loaders_disk() {
     loaders_entry B >"$w/esp/loader/entries/update-agent-b+0.conf"
     mkfs.vfat -F 32 -n ESP -C "$w/esp.img" $((LOADERS_ESP_MIB * 1024)) >/dev/null 2>&1 || return 1
     mcopy -s -i "$w/esp.img" "$w/esp/EFI" "$w/esp/loader" "$w/esp/vmlinuz" "$w/esp/initrd.img" ::/ || return 1
-    chmod 0700 "$w/data"
-    mke2fs -q -t ext4 -L data -d "$w/data" "$w/data.ext4" "${QEMU_DATA_MIB}M" >/dev/null 2>&1 || return 1
-    local n img
-    for n in 2 3 5; do
-        case $n in 2) img=$w/esp.img ;; 3) img=$slot_a ;; 5) img=$w/data.ext4 ;; esac
-        dd if="$img" of="$out" bs=1M seek="$(($(qemu_part "$out" $n off) / 1048576))" \
-            conv=notrunc,sparse status=none || return 1
-    done
+    qemu_fill_parts "$out" "$w/esp.img" "$slot_a" "$w" || return 1
     sgdisk -v "$out" | has "No problems found" || return 1
     cp "$LOADERS_OVMF_VARS" "$out.vars"
     rm -rf "$w"

@@ -327,6 +327,21 @@ qemu_part() {
         END { if (w == "off") print f * 512; else print (l - f + 1) * 512 }'
 }
 
+# The data partition's empty filesystem (its root 0700, as the agent's state directory), then
+# the boot image, slot A's image and it written into partitions 2, 3 and 5 of OUT.
+# $1: out, $2: boot partition image, $3: slot A image, $4: work directory.
+qemu_fill_parts() {
+    local out=$1 boot=$2 slot_a=$3 w=$4 n img
+    mkdir -p "$w/data"
+    chmod 0700 "$w/data"
+    mke2fs -q -t ext4 -L data -d "$w/data" "$w/data.ext4" "${QEMU_DATA_MIB}M" >/dev/null 2>&1 || return 1
+    for n in 2 3 5; do
+        case $n in 2) img=$boot ;; 3) img=$slot_a ;; 5) img=$w/data.ext4 ;; esac
+        dd if="$img" of="$out" bs=1M seek="$(($(qemu_part "$out" $n off) / 1048576))" \
+            conv=notrunc,sparse status=none || return 1
+    done
+}
+
 # The base disk: GPT (1 bios, 2 boot, 3 root-a, 4 root-b, 5 data), GRUB in the MBR and the
 # BIOS boot partition, grub.cfg + a fresh grubenv on boot (the kernels are in the slots),
 # slot A's image in root-a, root-b empty, data empty. $1: output image, $2: slot A image,
@@ -352,15 +367,7 @@ qemu_disk() {
     unset IFS
     grub-editenv "$w/boot/grub/grubenv" set "${args[@]}" || return 1
     mke2fs -q -t ext4 -L boot -d "$w/boot" "$w/boot.ext4" "${QEMU_BOOT_MIB}M" >/dev/null 2>&1 || return 1
-    mkdir -p "$w/data"
-    chmod 0700 "$w/data"
-    mke2fs -q -t ext4 -L data -d "$w/data" "$w/data.ext4" "${QEMU_DATA_MIB}M" >/dev/null 2>&1 || return 1
-    local n img
-    for n in 2 3 5; do
-        case $n in 2) img=$w/boot.ext4 ;; 3) img=$slot_a ;; 5) img=$w/data.ext4 ;; esac
-        dd if="$img" of="$out" bs=1M seek="$(($(qemu_part "$out" $n off) / 1048576))" \
-            conv=notrunc,sparse status=none || return 1
-    done
+    qemu_fill_parts "$out" "$w/boot.ext4" "$slot_a" "$w" || return 1
     qemu_grub_install "$out" "$(($(qemu_part "$out" 1 off) / 512))" || return 1
     sgdisk -v "$out" | has "No problems found" || return 1
     rm -rf "$w"
