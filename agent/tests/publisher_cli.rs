@@ -4,38 +4,13 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use updater_proto::{TrustPolicy, VerifyContext};
 
-fn publish(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_update-publish"))
-        .args(args)
-        .output()
-        .expect("run update-publish")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = publish(args);
-    assert!(
-        out.status.success(),
-        "update-publish {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs and expects failure with `error[kind]` on stderr.
-fn fails(args: &[&str], kind: &str) -> String {
-    let out = publish(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(&format!("error[{kind}]")),
-        "{args:?}: expected kind {kind}, got: {stderr}"
-    );
-    stderr
-}
+#[path = "support/publish_cli.rs"]
+mod publish_cli;
+use publish_cli::{fails, ok, publish};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

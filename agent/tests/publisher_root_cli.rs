@@ -5,36 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use updater_proto::TrustedRoot;
 
-fn publish(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_update-publish"))
-        .args(args)
-        .output()
-        .expect("run update-publish")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = publish(args);
-    assert!(
-        out.status.success(),
-        "update-publish {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(args: &[&str], kind: &str) {
-    let out = publish(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(&format!("error[{kind}]")),
-        "{args:?}: {stderr}"
-    );
-}
+#[path = "support/publish_cli.rs"]
+mod publish_cli;
+use publish_cli::{fails, ok};
 
 struct Dir(tempfile::TempDir);
 
