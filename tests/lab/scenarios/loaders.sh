@@ -10,10 +10,7 @@
 # After every step the loader's own state is judged: the entry file names on the ESP
 # (systemd-boot renames them) or efibootmgr's view of BootCurrent/BootNext/BootOrder.
 
-ALL_SCENARIOS+=(bls-cycle)
-# efi-bootnext runs only when named (`tests/lab/run.sh efi-bootnext`): it passed twice in
-# session 5, but one earlier run saw OVMF boot A again after the power cut of step 3, not
-# explained (docs/boot.md); it joins the default run once CI has seen it pass.
+ALL_SCENARIOS+=(bls-cycle efi-bootnext)
 
 # shellcheck source=tests/lab/lib-loaders.sh
 . "$HERE/lib-loaders.sh"
