@@ -62,15 +62,17 @@ pub(crate) fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
     Some(root.join(rel))
 }
 
-/// Strong ETag from size and modification time (as nginx does): it changes whenever the
-/// file is replaced or rewritten.
+/// Strong ETag from inode, size and modification time (as Apache does): it changes whenever
+/// the file is replaced (a new inode, even within one tick of the file system's coarse clock)
+/// or rewritten.
 pub(crate) fn etag_for(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
     let mtime = meta
         .modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    format!("\"{:x}-{:x}\"", meta.len(), mtime)
+    format!("\"{:x}-{:x}-{:x}\"", meta.ino(), meta.len(), mtime)
 }
 
 /// A parsed single byte range, before it is checked against the file length.
