@@ -57,15 +57,11 @@ impl Fixture {
         self.server.request_log()
     }
 
+    /// The tag the server gives the image: its own rule, not a copy of it.
     fn etag(&self) -> String {
-        let meta = std::fs::metadata(self.dir.path().join("images/os.img.zst")).unwrap();
-        let mtime = meta
-            .modified()
-            .unwrap()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        format!("\"{:x}-{:x}\"", meta.len(), mtime)
+        server_mock::etag_for(
+            &std::fs::metadata(self.dir.path().join("images/os.img.zst")).unwrap(),
+        )
     }
 }
 

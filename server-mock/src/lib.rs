@@ -32,6 +32,7 @@ pub mod reports;
 pub use faults::{glob_match, Fault, FaultRule, Faults};
 pub use fleetlock::{FleetLock, FleetLockSettings};
 pub use log::{LogEntry, RequestLog};
+pub use repo::etag_for;
 pub use reports::{FleetSummary, Report, Reports};
 
 /// Errors starting the server.

@@ -65,7 +65,7 @@ pub(crate) fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
 /// Strong ETag from inode, size and modification time (as Apache does): it changes whenever
 /// the file is replaced (a new inode, even within one tick of the file system's coarse clock)
 /// or rewritten.
-pub(crate) fn etag_for(meta: &std::fs::Metadata) -> String {
+pub fn etag_for(meta: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt;
     let mtime = meta
         .modified()
