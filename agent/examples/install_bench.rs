@@ -22,7 +22,7 @@ use update_agent::disk::slots::SlotLayoutConfig;
 use update_agent::disk::FileDevice;
 use update_agent::fetch::{build_client, Download, FetchConfig};
 use update_agent::install::{
-    install, Compression, InstallOptions, InstallPlan, NoResume, Readback, TargetImage,
+    install, Compression, ImageSpec, InstallOptions, InstallPlan, NoResume, Readback, TargetImage,
 };
 
 fn vm_hwm_kib() -> u64 {
@@ -129,14 +129,16 @@ fn main() {
             slot: SlotId::B,
             device: disk.clone(),
             targets: vec![TargetImage {
-                role: role.clone(),
-                part_offset: part.byte_offset,
-                part_len: part.byte_len,
-                expected_size: size,
-                expected_sha256: sha,
-                compression,
-                compressed_size,
-                compressed_sha256: compressed_sha,
+                image: ImageSpec {
+                    role: role.clone(),
+                    part_offset: part.byte_offset,
+                    part_len: part.byte_len,
+                    size,
+                    sha256: sha,
+                    compression,
+                    compressed_size,
+                    compressed_sha256: compressed_sha,
+                },
                 source: Box::new(download),
                 resume: None,
             }],

@@ -17,7 +17,7 @@ use update_agent::disk::slots::Partition;
 use update_agent::disk::{BlockDevice, FileDevice};
 use update_agent::fetch::{build_client, FetchConfig, Url};
 use update_agent::install::{
-    install, InstallError, InstallOptions, InstallPlan, Readback, ResumeRecord,
+    install, ImageSpec, InstallError, InstallOptions, InstallPlan, Readback, ResumeRecord,
 };
 use update_agent_sandbox::testimg::{cgpt_field, require_tool, sgdisk_verify, Layout};
 use updater_proto::{ChunkIndex, ChunkParams, ImageDigests, ImageEntry, Sha256};
@@ -160,7 +160,8 @@ impl World {
         sink: &mut Vec<ResumeRecord>,
         resume: Option<&ResumeRecord>,
     ) -> (Result<(), InstallError>, DeltaStats) {
-        let (mut t, stats) = delta_target(&self.entry, &self.digests(), &self.b, cfg);
+        let image = ImageSpec::from_entry(&self.entry, &self.digests(), &self.b);
+        let (mut t, stats) = delta_target(image, cfg);
         t.resume = resume.map(ResumeRecord::resume_point);
         let mut boot = boot(&self.disk);
         let dev: Arc<Mutex<dyn BlockDevice>> =

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use update_agent::boot::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
 use update_agent::disk::{BlockDevice, FileDevice};
 use update_agent::install::{
-    install, BytesSource, CancelToken, ChunkFuture, Compression, ImageSource, InstallError,
-    InstallOptions, InstallPlan, NoResume, Phase, ProgressEvent, Readback, ReadbackMethod,
-    ResumeRecord, SourceChunk, SourceError, TargetImage,
+    install, BytesSource, CancelToken, ChunkFuture, Compression, ImageSource, ImageSpec,
+    InstallError, InstallOptions, InstallPlan, NoResume, Phase, ProgressEvent, Readback,
+    ReadbackMethod, ResumeRecord, SourceChunk, SourceError, TargetImage,
 };
 
 const MIB: u64 = 1 << 20;
@@ -289,32 +289,28 @@ impl Env {
 
 fn raw_target(image: &[u8], source: Box<dyn ImageSource>) -> TargetImage {
     TargetImage {
-        role: "root".into(),
-        part_offset: B_OFF,
-        part_len: PART,
-        expected_size: image.len() as u64,
-        expected_sha256: sha(image),
-        compression: Compression::None,
-        compressed_size: image.len() as u64,
-        compressed_sha256: None,
+        image: ImageSpec {
+            role: "root".into(),
+            part_offset: B_OFF,
+            part_len: PART,
+            size: image.len() as u64,
+            sha256: sha(image),
+            compression: Compression::None,
+            compressed_size: image.len() as u64,
+            compressed_sha256: None,
+        },
         source,
         resume: None,
     }
 }
 
 fn zstd_target(image: &[u8], wire: &[u8], chunk: usize) -> TargetImage {
-    TargetImage {
-        role: "root".into(),
-        part_offset: B_OFF,
-        part_len: PART,
-        expected_size: image.len() as u64,
-        expected_sha256: sha(image),
-        compression: Compression::Zstd,
-        compressed_size: wire.len() as u64,
-        compressed_sha256: Some(sha(wire)),
-        source: Box::new(BytesSource::new("mem://root.zst", wire.to_vec(), chunk)),
-        resume: None,
-    }
+    let source = Box::new(BytesSource::new("mem://root.zst", wire.to_vec(), chunk));
+    let mut t = raw_target(image, source);
+    t.image.compression = Compression::Zstd;
+    t.image.compressed_size = wire.len() as u64;
+    t.image.compressed_sha256 = Some(sha(wire));
+    t
 }
 
 fn plan(targets: Vec<TargetImage>) -> InstallPlan {
@@ -446,11 +442,11 @@ async fn two_targets_go_to_their_own_partitions() {
         &boot_img,
         Box::new(BytesSource::new("boot", boot_img.clone(), 4096)),
     );
-    boot_t.role = "boot".into();
-    boot_t.part_len = MIB;
+    boot_t.image.role = "boot".into();
+    boot_t.image.part_len = MIB;
     let mut root_t = zstd_target(&root_img, &wire, 65536);
-    root_t.part_offset = B_OFF + MIB;
-    root_t.part_len = PART - MIB;
+    root_t.image.part_offset = B_OFF + MIB;
+    root_t.image.part_len = PART - MIB;
     let (r, _, _) = run(
         &mut env,
         plan(vec![boot_t, root_t]),
@@ -498,8 +494,8 @@ async fn invalid_plans_are_refused_before_anything_changes() {
     let mut env = Env::new();
     let image = noise(4096, 1);
     let mut beyond = raw_target(&image, Box::new(BytesSource::new("x", image.clone(), 4096)));
-    beyond.part_offset = DISK - 4096;
-    beyond.part_len = 8192;
+    beyond.image.part_offset = DISK - 4096;
+    beyond.image.part_len = 8192;
     let (r, _, _) = run(
         &mut env,
         plan(vec![beyond]),
@@ -510,7 +506,7 @@ async fn invalid_plans_are_refused_before_anything_changes() {
     assert_eq!(r.unwrap_err().kind(), "invalid_plan");
     let t1 = raw_target(&image, Box::new(BytesSource::new("x", image.clone(), 4096)));
     let mut t2 = raw_target(&image, Box::new(BytesSource::new("y", image.clone(), 4096)));
-    t2.part_offset = B_OFF + 4096;
+    t2.image.part_offset = B_OFF + 4096;
     let (r, _, _) = run(
         &mut env,
         plan(vec![t1, t2]),
@@ -600,7 +596,7 @@ async fn zstd_stream_decompressing_past_declared_size_is_stopped_before_writing_
     let wire = zstd::encode_all(&image[..], 3).unwrap();
     let declared = 3 * MIB + 17;
     let mut t = zstd_target(&image, &wire, 8192);
-    t.expected_size = declared;
+    t.image.size = declared;
     let (env, _) = expect_failure(
         plan(vec![t]),
         &small_opts(Readback::Device),
@@ -617,7 +613,7 @@ async fn zstd_truncated_frame_is_refused() {
     let wire = zstd::encode_all(&image[..], 3).unwrap();
     let cut = &wire[..wire.len() - 20];
     let mut t = zstd_target(&image, cut, 8192);
-    t.compressed_sha256 = None;
+    t.image.compressed_sha256 = None;
     let (_, e) = expect_failure(
         plan(vec![t]),
         &small_opts(Readback::Device),
@@ -661,7 +657,7 @@ async fn image_hash_mismatch_leaves_slot_disabled() {
         &image,
         Box::new(BytesSource::new("mem://root", image.clone(), 65536)),
     );
-    t.expected_sha256[0] ^= 1;
+    t.image.sha256[0] ^= 1;
     let (_, e) = expect_failure(
         plan(vec![t]),
         &small_opts(Readback::Device),
@@ -677,7 +673,7 @@ async fn compressed_hash_mismatch_leaves_slot_disabled() {
     let image = compressible((3 * MIB) as usize);
     let wire = zstd::encode_all(&image[..], 3).unwrap();
     let mut t = zstd_target(&image, &wire, 65536);
-    t.compressed_sha256.as_mut().unwrap()[5] ^= 1;
+    t.image.compressed_sha256.as_mut().unwrap()[5] ^= 1;
     let (_, e) = expect_failure(
         plan(vec![t]),
         &small_opts(Readback::Device),
@@ -1173,8 +1169,8 @@ async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply(
         &image,
         Box::new(BytesSource::new("mem://odd", image.clone(), 65536)),
     );
-    t.part_offset = B_OFF + 100;
-    t.part_len = PART - 100;
+    t.image.part_offset = B_OFF + 100;
+    t.image.part_len = PART - 100;
     let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
     assert_eq!(
@@ -1190,8 +1186,8 @@ async fn readback_falls_back_to_dropping_the_cache_where_direct_io_cannot_apply(
         &image,
         Box::new(BytesSource::new("mem://odd", image.clone(), 65536)),
     );
-    t.part_offset = B_OFF + 100;
-    t.part_len = PART - 100;
+    t.image.part_offset = B_OFF + 100;
+    t.image.part_len = PART - 100;
     let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, true).await;
     let e = r.unwrap_err();
@@ -1265,7 +1261,7 @@ async fn image_filling_its_partition_with_an_unaligned_tail_reads_back_without_l
         &image,
         Box::new(BytesSource::new("mem://full", image.clone(), 65536)),
     );
-    t.part_len = image.len() as u64;
+    t.image.part_len = image.len() as u64;
     let opts = small_opts(Readback::Uncached);
     let (r, _, _) = run(&mut env, plan(vec![t]), &opts, false).await;
     assert_eq!(r.unwrap().targets[0].readback, Some(ReadbackMethod::Direct));
@@ -1653,8 +1649,8 @@ async fn install_on_file(
         image,
         Box::new(BytesSource::new("mem://root", image.to_vec(), 65536)),
     );
-    t.part_offset = part_offset;
-    t.part_len = part_len;
+    t.image.part_offset = part_offset;
+    t.image.part_len = part_len;
     let mut boot = FakeBoot {
         log: Log::default(),
         disabled: Vec::new(),

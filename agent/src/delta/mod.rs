@@ -50,16 +50,14 @@ use updater_proto::{ChunkIndex, ImageDigests, ImageEntry};
 use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
 use crate::fetch::{Chunk, Download, FetchConfig, Url};
-use crate::install::{
-    ChunkFuture, Compression, ImageSource, SourceChunk, SourceError, TargetImage,
-};
+use crate::install::{ChunkFuture, ImageSource, ImageSpec, SourceChunk, SourceError, TargetImage};
 
 /// Largest body of one coalesced `Range` request: neighbours are merged up to this size, so
 /// a CDN sees few large requests and memory stays bounded.
-pub const MAX_RANGE_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_RANGE_BYTES: u64 = 4 << 20;
 /// Largest decoded size of one run: frames of zeros are tiny, so the file bytes alone would
 /// not bound the decoded chunks held at once.
-pub const MAX_RUN_IMAGE_BYTES: u64 = 8 << 20;
+pub(crate) const MAX_RUN_IMAGE_BYTES: u64 = 8 << 20;
 /// zstd window cap for the full-stream fallback (the pipeline's default).
 const WINDOW_LOG_MAX: u32 = crate::install::DEFAULT_ZSTD_WINDOW_LOG_MAX;
 
@@ -124,7 +122,7 @@ pub(crate) fn apply_reports(
 
 /// The history record of a staged install: bytes fetched by all targets, and what the delta
 /// targets reused and asked for.
-pub fn transfer(
+pub(crate) fn transfer(
     deltas: &[DeltaTargetReport],
     targets: &[crate::install::TargetReport],
 ) -> crate::state::Transfer {
@@ -163,7 +161,7 @@ pub(crate) fn render_reports(reports: &[DeltaTargetReport]) -> String {
 }
 
 /// Shared handle on a [`DeltaSource`]'s counters (the source moves into the pipeline).
-pub type StatsHandle = Arc<Mutex<DeltaStats>>;
+pub(crate) type StatsHandle = Arc<Mutex<DeltaStats>>;
 
 /// The seed: the partition of the active slot holding the previous image of this role.
 #[derive(Debug, Clone)]
@@ -200,7 +198,7 @@ pub struct DeltaConfig {
 /// A delta failure, with a stable kind (`delta_*`); the pipeline reports it as `fetch`
 /// with this kind inside.
 #[derive(Debug, thiserror::Error)]
-pub enum DeltaError {
+pub(crate) enum DeltaError {
     #[error("chunk index {url}: {what}, the signed manifest says {expected}, got {actual}")]
     IndexMismatch {
         url: String,
@@ -281,7 +279,7 @@ impl DeltaError {
     }
 
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             DeltaError::IndexMismatch { .. } => "delta_index_mismatch",
             DeltaError::IndexInvalid { source, .. } => source.kind(),
@@ -784,7 +782,7 @@ async fn delta_step(
 /// requests: a request costs a few hundred bytes of headers each way and a round trip, so
 /// tiny frames (runs of zeros, small metadata blocks) between two missing chunks travel
 /// with them.
-pub const GAP_MERGE_BYTES: u64 = 512;
+pub(crate) const GAP_MERGE_BYTES: u64 = 512;
 
 /// One past the last chunk of the run starting at the missing chunk `i`: neighbours the
 /// seed lacks, and gaps of seed chunks of at most [`GAP_MERGE_BYTES`] file bytes between
@@ -1105,35 +1103,24 @@ fn decode_chunk(
     Ok(Bytes::from(out))
 }
 
-/// The pipeline target for a chunked manifest entry: a `compression = none` target fed by a
+/// The pipeline target for a chunked manifest entry going into `image`'s partition: the
+/// same image arriving [`ImageSpec::decoded`] (`compression = none`), fed by a
 /// [`DeltaSource`], so the image hash, size, checkpoints and read-back apply unchanged.
+/// Without an explicit `cfg.inactive`, the target partition's old content is the second seed.
 /// Returns the stats handle for the report.
-pub fn delta_target(
-    entry: &ImageEntry,
-    digests: &ImageDigests,
-    part: &crate::disk::slots::Partition,
-    cfg: DeltaConfig,
-) -> (TargetImage, StatsHandle) {
-    let sha = digests.sha256.0;
+pub fn delta_target(image: ImageSpec, cfg: DeltaConfig) -> (TargetImage, StatsHandle) {
     let mut cfg = cfg;
     if cfg.inactive.is_none() {
         cfg.inactive = cfg.seed.as_ref().map(|s| Seed {
             device: s.device.clone(),
-            offset: part.byte_offset,
-            len: part.byte_len,
+            offset: image.part_offset,
+            len: image.part_len,
         });
     }
     let (source, stats) = DeltaSource::new(cfg);
     (
         TargetImage {
-            role: entry.role.clone(),
-            part_offset: part.byte_offset,
-            part_len: part.byte_len,
-            expected_size: entry.size,
-            expected_sha256: sha,
-            compression: Compression::None,
-            compressed_size: entry.size,
-            compressed_sha256: Some(sha),
+            image: image.decoded(),
             source: Box::new(source),
             resume: None,
         },

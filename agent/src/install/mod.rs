@@ -26,7 +26,8 @@ mod source;
 mod writer;
 
 pub use readback::{Readback, ReadbackMethod};
-pub use source::{BytesSource, ChunkFuture, FileSource, ImageSource, SourceChunk, SourceError};
+pub(crate) use source::FileSource;
+pub use source::{BytesSource, ChunkFuture, ImageSource, SourceChunk, SourceError};
 
 use crate::boot::{BootControl, BootError, SlotId};
 // The aligned buffers are the disk's (direct I/O); the pipeline's stages name them `buf::`.
@@ -41,14 +42,14 @@ use tokio::sync::mpsc;
 use tracing::{info, info_span, warn, Instrument};
 
 /// Default size of each pipeline buffer: large sequential writes, few syscalls.
-pub const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
+pub(crate) const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 /// Default number of buffers in flight between the download task and the writer.
-pub const DEFAULT_CHANNEL_CAPACITY: usize = 4;
+pub(crate) const DEFAULT_CHANNEL_CAPACITY: usize = 4;
 /// Default distance between durable checkpoints (fsync, then resume record).
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Default cap on the zstd window: 2^23 = 8 MiB. Frames needing more are refused, so the
 /// publisher must compress with `--long` no more than 23 (levels <= 19 stay within it).
-pub const DEFAULT_ZSTD_WINDOW_LOG_MAX: u32 = 23;
+pub(crate) const DEFAULT_ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// How an image is encoded on the wire: the manifest's own type, so they cannot disagree.
 pub use updater_proto::Compression;
@@ -62,8 +63,13 @@ pub struct ResumePoint {
     pub etag: Option<String>,
 }
 
-/// One image to write into one partition of the target slot.
-pub struct TargetImage {
+/// The image going into one partition of the target slot: where it goes, what it must be
+/// once decoded (size, SHA-256) and how it arrives (encoding, wire size and digest).
+///
+/// The one description of a target: [`TargetImage`] holds it, the writer thread borrows it,
+/// and a [`ResumeRecord`] is tied to it ([`ResumeRecord::start`], [`ResumeRecord::matches`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImageSpec {
     /// The image's role in the slot (`boot`, `root`, `verity`...).
     pub role: String,
     /// Absolute byte offset of the partition on the device.
@@ -71,14 +77,66 @@ pub struct TargetImage {
     /// Partition length in bytes.
     pub part_len: u64,
     /// Size of the (decompressed) image.
-    pub expected_size: u64,
+    pub size: u64,
     /// SHA-256 of the (decompressed) image.
-    pub expected_sha256: [u8; 32],
+    pub sha256: [u8; 32],
     pub compression: Compression,
-    /// Bytes on the wire; equal to `expected_size` when `compression` is `None`.
+    /// Bytes on the wire; equal to `size` when `compression` is `None`.
     pub compressed_size: u64,
     /// SHA-256 of the bytes on the wire, when the manifest gives one.
     pub compressed_sha256: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ImageSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSpec")
+            .field("role", &self.role)
+            .field("part_offset", &self.part_offset)
+            .field("part_len", &self.part_len)
+            .field("size", &self.size)
+            .field("sha256", &hex::encode(self.sha256))
+            .field("compression", &self.compression)
+            .field("compressed_size", &self.compressed_size)
+            .finish()
+    }
+}
+
+impl ImageSpec {
+    /// A verified manifest entry going into `part`, a partition of the inactive slot, with
+    /// the digests verification parsed. The size checks happen in [`install`].
+    pub fn from_entry(
+        entry: &updater_proto::ImageEntry,
+        digests: &updater_proto::ImageDigests,
+        part: &crate::disk::slots::Partition,
+    ) -> ImageSpec {
+        ImageSpec {
+            role: entry.role.clone(),
+            part_offset: part.byte_offset,
+            part_len: part.byte_len,
+            size: entry.size,
+            sha256: digests.sha256.0,
+            compression: entry.compression,
+            compressed_size: entry.compressed_size,
+            compressed_sha256: Some(digests.compressed_sha256.0),
+        }
+    }
+
+    /// The same image arriving already decoded (a delta source yields image bytes): a
+    /// `compression = none` stream whose wire bytes are the image.
+    pub(crate) fn decoded(self) -> ImageSpec {
+        ImageSpec {
+            compression: Compression::None,
+            compressed_size: self.size,
+            compressed_sha256: Some(self.sha256),
+            ..self
+        }
+    }
+}
+
+/// One image to write into one partition of the target slot, with where its bytes come from.
+pub struct TargetImage {
+    /// What is written where.
+    pub image: ImageSpec,
     pub source: Box<dyn ImageSource>,
     /// Continue an interrupted install (see [`ResumeRecord`] for what is honoured).
     pub resume: Option<ResumePoint>,
@@ -87,13 +145,7 @@ pub struct TargetImage {
 impl std::fmt::Debug for TargetImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TargetImage")
-            .field("role", &self.role)
-            .field("part_offset", &self.part_offset)
-            .field("part_len", &self.part_len)
-            .field("expected_size", &self.expected_size)
-            .field("expected_sha256", &hex::encode(self.expected_sha256))
-            .field("compression", &self.compression)
-            .field("compressed_size", &self.compressed_size)
+            .field("image", &self.image)
             .field("source", &self.source.describe())
             .field("resume", &self.resume)
             .finish()
@@ -101,9 +153,8 @@ impl std::fmt::Debug for TargetImage {
 }
 
 impl TargetImage {
-    /// The target for a verified manifest entry going into `part`, a partition of the
-    /// inactive slot, with the digests verification parsed. The size checks happen in
-    /// [`install`].
+    /// The target for a verified manifest entry going into `part` (see
+    /// [`ImageSpec::from_entry`]), read from `source`, not resumed.
     pub fn from_entry(
         entry: &updater_proto::ImageEntry,
         digests: &updater_proto::ImageDigests,
@@ -111,14 +162,7 @@ impl TargetImage {
         source: Box<dyn ImageSource>,
     ) -> TargetImage {
         TargetImage {
-            role: entry.role.clone(),
-            part_offset: part.byte_offset,
-            part_len: part.byte_len,
-            expected_size: entry.size,
-            expected_sha256: digests.sha256.0,
-            compression: entry.compression,
-            compressed_size: entry.compressed_size,
-            compressed_sha256: Some(digests.compressed_sha256.0),
+            image: ImageSpec::from_entry(entry, digests, part),
             source,
             resume: None,
         }
@@ -169,12 +213,8 @@ impl CancelToken {
         self.0.send_replace(true);
     }
 
-    pub fn is_cancelled(&self) -> bool {
-        *self.0.borrow()
-    }
-
     /// Resolves once [`CancelToken::cancel`] was called (at once if it already was).
-    pub async fn cancelled(&self) {
+    pub(crate) async fn cancelled(&self) {
         let mut rx = self.0.subscribe();
         let _ = rx.wait_for(|c| *c).await;
     }
@@ -253,6 +293,10 @@ pub struct ProgressEvent {
 /// A zstd stream's decoder state is not persisted, so a zstd target restarts from 0;
 /// its records say `resumable: false`. A record with `complete: true` lets a later run skip
 /// a target whose bytes on disk still hash to the expected value.
+///
+/// Kept as its own serde struct because it is the on-disk format of `resume.json` (field
+/// names and the hex digest are fixed); it is made from an [`ImageSpec`] only in
+/// [`ResumeRecord::start`] and tied back to one only in [`ResumeRecord::matches`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumeRecord {
     pub slot: SlotId,
@@ -273,6 +317,34 @@ pub struct ResumeRecord {
 }
 
 impl ResumeRecord {
+    /// The first record of `image` going into `slot` from `url`: nothing written yet.
+    pub(crate) fn start(
+        slot: SlotId,
+        url: String,
+        image: &ImageSpec,
+        etag: Option<String>,
+    ) -> ResumeRecord {
+        ResumeRecord {
+            slot,
+            role: image.role.clone(),
+            url,
+            expected_sha256: hex::encode(image.sha256),
+            compression: image.compression,
+            compressed_offset: 0,
+            written: 0,
+            etag,
+            resumable: image.compression == Compression::None,
+            complete: false,
+        }
+    }
+
+    /// This record is about `image` going into `slot` (same role and image SHA-256).
+    pub(crate) fn matches(&self, slot: SlotId, image: &ImageSpec) -> bool {
+        self.slot == slot
+            && self.role == image.role
+            && self.expected_sha256 == hex::encode(image.sha256)
+    }
+
     /// The resume point to pass back in [`TargetImage::resume`].
     pub fn resume_point(&self) -> ResumePoint {
         ResumePoint {
@@ -375,12 +447,12 @@ pub(crate) struct StageClock {
 
 impl StageClock {
     /// Add the time since `start` to `stage`.
-    pub fn add(stage: &AtomicU64, start: Instant) {
+    pub(crate) fn add(stage: &AtomicU64, start: Instant) {
         let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         stage.fetch_add(ns, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> StageTimes {
+    pub(crate) fn snapshot(&self) -> StageTimes {
         let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
         StageTimes {
             download: d(&self.download),
@@ -553,7 +625,7 @@ fn validate(plan: &InstallPlan, dev_size: u64, opts: &InstallOptions) -> Result<
         )));
     }
     let mut ranges: Vec<(u64, u64, &str)> = Vec::new();
-    for t in &plan.targets {
+    for t in plan.targets.iter().map(|t| &t.image) {
         let end = t
             .part_offset
             .checked_add(t.part_len)
@@ -564,18 +636,18 @@ fn validate(plan: &InstallPlan, dev_size: u64, opts: &InstallOptions) -> Result<
                 t.role, t.part_offset, t.part_len, plan.device
             )));
         };
-        if t.expected_size > t.part_len {
+        if t.size > t.part_len {
             return Err(InstallError::TooLargeForPartition {
                 slot: plan.slot,
                 role: t.role.clone(),
-                image_size: t.expected_size,
+                image_size: t.size,
                 part_len: t.part_len,
             });
         }
-        if t.compression == Compression::None && t.compressed_size != t.expected_size {
+        if t.compression == Compression::None && t.compressed_size != t.size {
             return Err(invalid(format!(
                 "{}: uncompressed image declares compressed_size {} != size {}",
-                t.role, t.compressed_size, t.expected_size
+                t.role, t.compressed_size, t.size
             )));
         }
         if let Some((o, e, r)) = ranges
@@ -628,11 +700,11 @@ pub async fn install(
             role: String::new(),
             phase: Phase::Disabled,
             done: 0,
-            total: plan.targets.iter().map(|t| t.expected_size).sum(),
+            total: plan.targets.iter().map(|t| t.image.size).sum(),
         });
         let mut reports = Vec::with_capacity(plan.targets.len());
         for target in plan.targets {
-            let role = target.role.clone();
+            let role = target.image.role.clone();
             let report = install_target(slot, &plan.device, target, &dev, opts, resume, progress)
                 .instrument(info_span!("target", role = %role))
                 .await?;
@@ -658,24 +730,17 @@ async fn install_target(
     progress: &mut dyn FnMut(ProgressEvent),
 ) -> Result<TargetReport, InstallError> {
     let TargetImage {
-        role,
-        part_offset,
-        part_len,
-        expected_size,
-        expected_sha256,
-        compression,
-        compressed_size,
-        compressed_sha256,
+        image,
         mut source,
         resume,
     } = target;
     let url = source.describe();
     let (mode, start_at, resume_etag) = match resume {
-        Some(r) if r.written == expected_size => (writer::Mode::VerifyExisting, 0, None),
+        Some(r) if r.written == image.size => (writer::Mode::VerifyExisting, 0, None),
         Some(r)
-            if compression == Compression::None
+            if image.compression == Compression::None
                 && r.written > 0
-                && r.written < expected_size
+                && r.written < image.size
                 && r.written % IO_ALIGN as u64 == 0 =>
         {
             (writer::Mode::Write, r.written, r.etag)
@@ -684,7 +749,7 @@ async fn install_target(
             if r.written > 0 {
                 warn!(
                     written = r.written,
-                    ?compression,
+                    compression = ?image.compression,
                     "resume point not usable for this target; starting from 0"
                 );
             }
@@ -692,18 +757,13 @@ async fn install_target(
         }
         None => (writer::Mode::Write, 0, None),
     };
+    let mut record = ResumeRecord::start(slot, url.clone(), &image, resume_etag.clone());
+    let role = image.role.clone();
     let mut job = writer::Job {
         slot,
-        role: role.clone(),
         url: url.clone(),
         device: device.to_string(),
-        part_offset,
-        part_len,
-        expected_size,
-        expected_sha256,
-        compression,
-        compressed_size,
-        compressed_sha256,
+        image,
         start_at,
         mode,
         buffer_size: opts.buffer_size,
@@ -713,18 +773,6 @@ async fn install_target(
         readback: opts.readback,
         clock: Arc::default(),
         cancel: opts.cancel.clone(),
-    };
-    let mut record = ResumeRecord {
-        slot,
-        role: role.clone(),
-        url: url.clone(),
-        expected_sha256: hex::encode(expected_sha256),
-        compression,
-        compressed_offset: 0,
-        written: 0,
-        etag: resume_etag.clone(),
-        resumable: compression == Compression::None,
-        complete: false,
     };
 
     if mode == writer::Mode::VerifyExisting {
@@ -787,7 +835,7 @@ async fn run_job(
         )
     });
     let slot = job.slot;
-    let compressed_size = job.compressed_size;
+    let compressed_size = job.image.compressed_size;
     let clock = job.clock.clone();
     let dev_w = dev.clone();
     let span = tracing::Span::current();

@@ -69,7 +69,7 @@ pub(crate) struct Verifier<'a> {
 
 impl<'a> Verifier<'a> {
     /// A verifier for `mode` (`Off` reads through the device, for explicit re-checks).
-    pub fn open(
+    pub(crate) fn open(
         mode: Readback,
         dev: &'a Mutex<dyn BlockDevice>,
         offset: u64,
@@ -107,7 +107,7 @@ impl<'a> Verifier<'a> {
         })
     }
 
-    pub fn method(&self) -> ReadbackMethod {
+    pub(crate) fn method(&self) -> ReadbackMethod {
         match &self.how {
             How::Device(_) => ReadbackMethod::Device,
             How::Reader(r) => match r.bypass() {
@@ -118,13 +118,13 @@ impl<'a> Verifier<'a> {
     }
 
     /// Forget everything hashed (the source restarted from 0).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.ctx = digest::Context::new(&digest::SHA256);
         self.done = 0;
     }
 
     /// Hash `len` image bytes at absolute `offset`, which the writer has already flushed.
-    pub fn feed(
+    pub(crate) fn feed(
         &mut self,
         offset: u64,
         len: u64,
@@ -167,7 +167,7 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
-    pub fn finish(self) -> [u8; 32] {
+    pub(crate) fn finish(self) -> [u8; 32] {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.ctx.finish().as_ref());
         out

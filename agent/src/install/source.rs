@@ -81,7 +81,7 @@ pub trait ImageSource: Send {
 /// allocates nothing. (The earlier `tokio::fs` reads went through tokio's own bounce buffer,
 /// a blocking-pool hop per read and a fresh `Vec` per chunk: the local benchmark's bottleneck.)
 #[derive(Debug)]
-pub struct FileSource {
+pub(crate) struct FileSource {
     path: PathBuf,
     /// Where the stream starts in the file, and its length (`None`: to the end of the file).
     base: u64,
@@ -103,7 +103,7 @@ const READ_AHEAD: usize = 1;
 impl FileSource {
     /// A source reading `path` in `chunk`-byte reads (rounded up to a multiple of
     /// [`IO_ALIGN`], at least 4 KiB).
-    pub fn new(path: impl AsRef<Path>, chunk: usize) -> Self {
+    pub(crate) fn new(path: impl AsRef<Path>, chunk: usize) -> Self {
         FileSource {
             path: path.as_ref().to_path_buf(),
             base: 0,
@@ -115,7 +115,7 @@ impl FileSource {
     }
 
     /// A source of the `len` bytes at `base` in `path` (a member of an offline bundle).
-    pub fn window(path: impl AsRef<Path>, base: u64, len: u64, chunk: usize) -> Self {
+    pub(crate) fn window(path: impl AsRef<Path>, base: u64, len: u64, chunk: usize) -> Self {
         FileSource {
             base,
             len: Some(len),

@@ -2,7 +2,7 @@
 
 use super::buf::AlignedBuf;
 use super::readback::{ReadError, Readback, ReadbackMethod, Verifier};
-use super::{Compression, InstallError, Phase, StageClock, TargetReport};
+use super::{Compression, ImageSpec, InstallError, Phase, StageClock, TargetReport};
 use crate::boot::SlotId;
 use crate::disk::BlockDevice;
 use bytes::Bytes;
@@ -28,16 +28,10 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone)]
 pub(crate) struct Job {
     pub slot: SlotId,
-    pub role: String,
     pub url: String,
     pub device: String,
-    pub part_offset: u64,
-    pub part_len: u64,
-    pub expected_size: u64,
-    pub expected_sha256: [u8; 32],
-    pub compression: Compression,
-    pub compressed_size: u64,
-    pub compressed_sha256: Option<[u8; 32]>,
+    /// The image and its partition, as the plan described it.
+    pub image: ImageSpec,
     /// Image bytes already on disk (resume, `compression = none` only).
     pub start_at: u64,
     pub mode: Mode,
@@ -175,13 +169,13 @@ impl DiskStage<'_> {
         self.send(Event::Progress {
             phase,
             done,
-            total: self.job.expected_size,
+            total: self.job.image.size,
         })
     }
 
     fn io_err(&self, op: &'static str, offset: u64, source: io::Error) -> WriterError {
         WriterError::from(InstallError::Io {
-            role: self.job.role.clone(),
+            role: self.job.image.role.clone(),
             op,
             device: self.job.device.clone(),
             offset,
@@ -196,7 +190,7 @@ impl DiskStage<'_> {
         let mut pos = 0u64;
         while pos < upto {
             let n = (upto - pos).min(buf.len() as u64) as usize;
-            let at = job.part_offset + pos;
+            let at = job.image.part_offset + pos;
             let dev = self.dev.lock().map_err(|_| poisoned(job))?;
             dev.read_at(&mut buf.as_mut_slice()[..n], at)
                 .map_err(|e| self.io_err("re-reading for resume", at, e))?;
@@ -220,12 +214,12 @@ impl DiskStage<'_> {
         let job = self.job;
         let n = data.len();
         let end = self.written + n as u64;
-        if end > job.expected_size || end > job.part_len {
+        if end > job.image.size || end > job.image.part_len {
             // Unreachable through the decode stage; kept so no path can write past the image.
             return Err(InstallError::DecompressedTooLong {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 url: job.url.clone(),
-                limit: job.expected_size,
+                limit: job.image.size,
             }
             .into());
         }
@@ -246,7 +240,7 @@ impl DiskStage<'_> {
             self.write_staged(self.written)?;
             self.flush()?;
             self.verify_durable();
-            let compressed_offset = match job.compression {
+            let compressed_offset = match job.image.compression {
                 Compression::None => self.written,
                 Compression::Zstd => self.compressed.load(Ordering::Relaxed),
             };
@@ -265,7 +259,7 @@ impl DiskStage<'_> {
             return Ok(());
         }
         let job = self.job;
-        let at = job.part_offset + end - self.staged as u64;
+        let at = job.image.part_offset + end - self.staged as u64;
         let t = Instant::now();
         let mut dev = self.dev.lock().map_err(|_| poisoned(job))?;
         dev.write_at(&self.batch.as_slice()[..self.staged], at)
@@ -279,7 +273,7 @@ impl DiskStage<'_> {
     /// Hand `last_checkpoint..written` (flushed) to the verifier and advance the checkpoint.
     fn verify_durable(&mut self) {
         let range = VMsg::Range {
-            offset: self.job.part_offset + self.last_checkpoint,
+            offset: self.job.image.part_offset + self.last_checkpoint,
             len: self.written - self.last_checkpoint,
         };
         self.last_checkpoint = self.written;
@@ -295,7 +289,7 @@ impl DiskStage<'_> {
         let t = Instant::now();
         let mut dev = self.dev.lock().map_err(|_| poisoned(job))?;
         dev.flush()
-            .map_err(|e| self.io_err("flushing", job.part_offset, e))?;
+            .map_err(|e| self.io_err("flushing", job.image.part_offset, e))?;
         StageClock::add(&job.clock.flush, t);
         Ok(())
     }
@@ -414,12 +408,12 @@ impl Decode<'_> {
         let job = self.job;
         self.compressed += data.len() as u64;
         self.fetched_this_run += data.len() as u64;
-        if self.compressed > job.compressed_size {
+        if self.compressed > job.image.compressed_size {
             return Err(InstallError::SizeMismatch {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 url: job.url.clone(),
                 what: "compressed",
-                expected: job.compressed_size,
+                expected: job.image.compressed_size,
                 actual: self.compressed,
                 at_least: false,
             }
@@ -470,11 +464,11 @@ impl Decode<'_> {
         if st.bytes_read > 0 || st.bytes_written > 0 {
             self.frame_done = st.remaining == 0;
         }
-        if self.queued + self.fill as u64 > job.expected_size {
+        if self.queued + self.fill as u64 > job.image.size {
             return Err(InstallError::DecompressedTooLong {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 url: job.url.clone(),
-                limit: job.expected_size,
+                limit: job.image.size,
             }
             .into());
         }
@@ -521,7 +515,7 @@ impl Decode<'_> {
             .send(Event::Progress {
                 phase: Phase::Restarted,
                 done: 0,
-                total: self.job.expected_size,
+                total: self.job.image.size,
             })
             .map_err(|_| WriterError::StreamAborted)
     }
@@ -540,12 +534,12 @@ impl Decode<'_> {
             }
         }
         self.commit()?;
-        if self.compressed != job.compressed_size {
+        if self.compressed != job.image.compressed_size {
             return Err(InstallError::SizeMismatch {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 url: job.url.clone(),
                 what: "compressed",
-                expected: job.compressed_size,
+                expected: job.image.compressed_size,
                 actual: self.compressed,
                 at_least: false,
             }
@@ -560,12 +554,12 @@ impl Decode<'_> {
                 ),
             ));
         }
-        if self.queued != job.expected_size {
+        if self.queued != job.image.size {
             return Err(InstallError::SizeMismatch {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 url: job.url.clone(),
                 what: "image",
-                expected: job.expected_size,
+                expected: job.image.size,
                 actual: self.queued,
                 at_least: false,
             }
@@ -585,7 +579,7 @@ impl Decode<'_> {
 /// Whether the wire bytes need their own SHA-256 (zstd with a `compressed_sha256`; for raw
 /// images the wire bytes are the image).
 pub(crate) fn wants_wire_hash(job: &Job) -> bool {
-    job.compression == Compression::Zstd && job.compressed_sha256.is_some()
+    job.image.compression == Compression::Zstd && job.image.compressed_sha256.is_some()
 }
 
 fn finish_hash(ctx: digest::Context) -> [u8; 32] {
@@ -596,7 +590,7 @@ fn finish_hash(ctx: digest::Context) -> [u8; 32] {
 
 fn self_decompress(job: &Job, source: io::Error) -> WriterError {
     WriterError::from(InstallError::Decompress {
-        role: job.role.clone(),
+        role: job.image.role.clone(),
         url: job.url.clone(),
         source,
     })
@@ -604,14 +598,14 @@ fn self_decompress(job: &Job, source: io::Error) -> WriterError {
 
 fn poisoned(job: &Job) -> WriterError {
     WriterError::from(InstallError::Internal {
-        role: job.role.clone(),
+        role: job.image.role.clone(),
         reason: "block device lock poisoned by an earlier panic".into(),
     })
 }
 
 fn readback_io(job: &Job, e: ReadError) -> WriterError {
     WriterError::from(InstallError::Io {
-        role: job.role.clone(),
+        role: job.image.role.clone(),
         op: e.op,
         device: job.device.clone(),
         offset: e.offset,
@@ -620,15 +614,15 @@ fn readback_io(job: &Job, e: ReadError) -> WriterError {
 }
 
 fn check_readback(job: &Job, actual: [u8; 32], method: ReadbackMethod) -> Res<ReadbackMethod> {
-    if actual != job.expected_sha256 {
+    if actual != job.image.sha256 {
         return Err(InstallError::ReadbackMismatch {
             slot: job.slot,
-            role: job.role.clone(),
+            role: job.image.role.clone(),
             device: job.device.clone(),
-            offset: job.part_offset,
-            end: job.part_offset + job.expected_size,
+            offset: job.image.part_offset,
+            end: job.image.part_offset + job.image.size,
             method,
-            expected: hex32(&job.expected_sha256),
+            expected: hex32(&job.image.sha256),
             actual: hex32(&actual),
         }
         .into());
@@ -645,13 +639,13 @@ fn verifier_thread(
     ev: &mpsc::UnboundedSender<Event>,
     rx: std::sync::mpsc::Receiver<VMsg>,
 ) -> Res<([u8; 32], ReadbackMethod)> {
-    let mut v = Verifier::open(mode, dev, job.part_offset, job.buffer_size)
+    let mut v = Verifier::open(mode, dev, job.image.part_offset, job.buffer_size)
         .map_err(|e| readback_io(job, e))?;
     let mut prog = |done: u64| {
         let _ = ev.send(Event::Progress {
             phase: Phase::Verifying,
             done,
-            total: job.expected_size,
+            total: job.image.size,
         });
     };
     while let Ok(m) = rx.recv() {
@@ -695,7 +689,7 @@ pub(crate) fn run(
         if let Some(v) = verified {
             let (actual, method) = v.map_err(|_| {
                 WriterError::from(InstallError::Internal {
-                    role: job.role.clone(),
+                    role: job.image.role.clone(),
                     reason: "read-back thread panicked".into(),
                 })
             })??;
@@ -717,7 +711,7 @@ fn write_all(
     verifier: Option<std::sync::mpsc::Sender<VMsg>>,
 ) -> Res<(TargetReport, Instant)> {
     let t = Instant::now();
-    let decoder = match job.compression {
+    let decoder = match job.image.compression {
         Compression::None => None,
         Compression::Zstd => {
             let mut d = Decoder::new().map_err(|e| self_decompress(job, e))?;
@@ -786,7 +780,7 @@ fn write_all(
         drop(d);
         let disk = disk.join().map_err(|_| {
             WriterError::from(InstallError::Internal {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 reason: "disk stage thread panicked".into(),
             })
         })?;
@@ -795,14 +789,14 @@ fn write_all(
             (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
             (Ok(hashes), Ok(done)) => (hashes, done),
         };
-        let wire = match job.compression {
+        let wire = match job.image.compression {
             Compression::None => Some(image),
             Compression::Zstd => wire,
         };
-        if let (Some(expected), Some(actual)) = (job.compressed_sha256, wire) {
+        if let (Some(expected), Some(actual)) = (job.image.compressed_sha256, wire) {
             if expected != actual {
                 return Err(InstallError::HashMismatch {
-                    role: job.role.clone(),
+                    role: job.image.role.clone(),
                     url: job.url.clone(),
                     what: "compressed stream",
                     expected: hex32(&expected),
@@ -811,12 +805,12 @@ fn write_all(
                 .into());
             }
         }
-        if image != job.expected_sha256 {
+        if image != job.image.sha256 {
             return Err(InstallError::HashMismatch {
-                role: job.role.clone(),
+                role: job.image.role.clone(),
                 url: job.url.clone(),
                 what: "image",
-                expected: hex32(&job.expected_sha256),
+                expected: hex32(&job.image.sha256),
                 actual: hex32(&image),
             }
             .into());
@@ -828,9 +822,9 @@ fn write_all(
             secs = write_time.as_secs_f64(),
             "image written, flushed, stream hash verified"
         );
-        debug_assert_eq!(done.written, job.expected_size);
+        debug_assert_eq!(done.written, job.image.size);
         let report = TargetReport {
-            role: job.role.clone(),
+            role: job.image.role.clone(),
             bytes_written: done.written_this_run,
             bytes_fetched: fetched,
             resumed_from: if restarted { 0 } else { job.start_at },
@@ -848,15 +842,15 @@ fn write_all(
 /// The target is written and verified: its last checkpoint (complete) and progress event.
 fn finished(job: &Job, ev: &mpsc::UnboundedSender<Event>) -> Res<()> {
     ev.send(Event::Checkpoint {
-        written: job.expected_size,
-        compressed_offset: job.compressed_size,
+        written: job.image.size,
+        compressed_offset: job.image.compressed_size,
         complete: true,
     })
     .map_err(|_| WriterError::StreamAborted)?;
     let _ = ev.send(Event::Progress {
         phase: Phase::Done,
-        done: job.expected_size,
-        total: job.expected_size,
+        done: job.image.size,
+        total: job.image.size,
     });
     Ok(())
 }
@@ -874,8 +868,8 @@ fn verify_existing(
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let _ = tx.send(VMsg::Range {
-        offset: job.part_offset,
-        len: job.expected_size,
+        offset: job.image.part_offset,
+        len: job.image.size,
     });
     drop(tx);
     let (actual, method) = verifier_thread(job, mode, dev, ev, rx)?;
@@ -883,12 +877,12 @@ fn verify_existing(
     info!("the disk already holds the verified image; nothing fetched");
     finished(job, ev)?;
     Ok(TargetReport {
-        role: job.role.clone(),
+        role: job.image.role.clone(),
         bytes_written: 0,
         bytes_fetched: 0,
-        resumed_from: job.expected_size,
+        resumed_from: job.image.size,
         reused: true,
-        sha256: hex32(&job.expected_sha256),
+        sha256: hex32(&job.image.sha256),
         readback: Some(method),
         write_time: Duration::ZERO,
         readback_time: t.elapsed(),

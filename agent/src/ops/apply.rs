@@ -16,8 +16,8 @@ use crate::error::AgentError;
 use crate::fetch::{Download, FetchConfig, FetchError, ManifestSource};
 use crate::host::Host;
 use crate::install::{
-    self, FileSource, ImageSource, InstallError, InstallOptions, InstallPlan, ProgressEvent,
-    Readback, ResumeRecord, TargetImage, TargetReport,
+    self, FileSource, ImageSource, ImageSpec, InstallError, InstallOptions, InstallPlan,
+    ProgressEvent, Readback, ResumeRecord, TargetImage, TargetReport,
 };
 use crate::ops::manifest::{
     admit_for_host, fetch_and_verify, image_location, locate, Fetched, Standing,
@@ -506,7 +506,8 @@ fn post_install_env(
     Ok(env)
 }
 
-/// The delta target for a chunked entry fetched over HTTP (`None`: install it in full).
+/// The delta source's configuration for a chunked entry fetched over HTTP (`None`: install
+/// it in full).
 fn delta_plan(
     image: &updater_proto::ImageEntry,
     digests: &updater_proto::ImageDigests,
@@ -515,7 +516,7 @@ fn delta_plan(
     slots: &ResolvedSlots,
     device_name: &str,
     target: SlotId,
-) -> Result<Option<(TargetImage, crate::delta::StatsHandle)>, AgentError> {
+) -> Result<Option<crate::delta::DeltaConfig>, AgentError> {
     let (ManifestSource::Url(file_url), Some(ix)) = (location, &image.chunk_index) else {
         return Ok(None);
     };
@@ -531,7 +532,7 @@ fn delta_plan(
             offset: p.byte_offset,
             len: p.byte_len,
         });
-    let Some(cfg) = crate::delta::config_for(
+    Ok(crate::delta::config_for(
         image,
         digests,
         file_url.clone(),
@@ -539,11 +540,7 @@ fn delta_plan(
         origin.client.clone(),
         origin.fetch.clone(),
         seed,
-    ) else {
-        return Ok(None);
-    };
-    let part = &slots.get(target).parts[&image.role];
-    Ok(Some(crate::delta::delta_target(image, digests, part, cfg)))
+    ))
 }
 
 /// One target per slot partition role; every role of the slot must have an image, so a slot
@@ -593,20 +590,15 @@ fn plan(
     let mut targets = Vec::new();
     // Digests come parsed from verification, never re-read from the manifest's text.
     for (image, digests) in verified.images() {
-        let part = &slot.parts[&image.role];
+        let spec = ImageSpec::from_entry(image, digests, &slot.parts[&image.role]);
         let location = image_location(origin.source, &image.url)?;
         let resume = checkpoints
             .iter()
-            .find(|r| {
-                r.slot == target
-                    && r.role == image.role
-                    && r.expected_sha256 == digests.sha256.to_hex()
-                    && (r.resumable || r.complete)
-            })
+            .find(|r| r.matches(target, &spec) && (r.resumable || r.complete))
             .map(ResumeRecord::resume_point);
         // Delta (schema v2 chunked entry over HTTP): seeded from the active slot's partition
         // of the same role; see crate::delta. Everything else is installed as before.
-        if let Some((t, stats)) = delta_plan(
+        if let Some(cfg) = delta_plan(
             image,
             digests,
             &location,
@@ -615,6 +607,7 @@ fn plan(
             device_name,
             target,
         )? {
+            let (t, stats) = crate::delta::delta_target(spec, cfg);
             deltas.push((image.role.clone(), stats));
             targets.push(TargetImage { resume, ..t });
             continue;
@@ -633,8 +626,9 @@ fn plan(
             }
         };
         targets.push(TargetImage {
+            image: spec,
+            source: image_source,
             resume,
-            ..TargetImage::from_entry(image, digests, part, image_source)
         });
     }
     Ok(InstallPlan {
