@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use ring::digest::{Context, SHA256};
 
 /// The member holding the signed manifest; always the first.
-pub const MANIFEST_MEMBER: &str = "manifest.json";
+pub(crate) const MANIFEST_MEMBER: &str = "manifest.json";
 /// Most members a bundle may have (a manifest, its images, a chain of roots).
-pub const MAX_MEMBERS: usize = 256;
+pub(crate) const MAX_MEMBERS: usize = 256;
 
 /// Why a bundle was refused, each with its own stable kind.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,7 @@ pub enum BundleError {
 
 impl BundleError {
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             BundleError::Io { .. } => "bundle_unreadable",
             BundleError::Format { .. } => "bundle_format",
@@ -88,7 +88,7 @@ impl BundleError {
     }
 
     /// A member this bundle does not hold (a root beyond the newest one it carries).
-    pub fn is_missing_member(&self) -> bool {
+    pub(crate) fn is_missing_member(&self) -> bool {
         matches!(self, BundleError::MemberMissing { .. })
     }
 }
@@ -238,7 +238,7 @@ impl Bundle {
     }
 
     /// The bytes of member `name`, refused (unread) when larger than `limit`.
-    pub fn read_member(&self, name: &str, limit: u64) -> Result<Vec<u8>, BundleError> {
+    pub(crate) fn read_member(&self, name: &str, limit: u64) -> Result<Vec<u8>, BundleError> {
         let m = self.member(name)?;
         if m.size > limit {
             return Err(BundleError::MemberTooLarge {
@@ -270,7 +270,12 @@ impl Bundle {
     /// Check image member `name` against what the signed manifest says of it (its size and
     /// SHA-256 as published, i.e. compressed), reading it once. Run for every image before
     /// anything is written.
-    pub fn check_image(&self, name: &str, size: u64, sha256: &[u8; 32]) -> Result<(), BundleError> {
+    pub(crate) fn check_image(
+        &self,
+        name: &str,
+        size: u64,
+        sha256: &[u8; 32],
+    ) -> Result<(), BundleError> {
         let m = self.member(name)?;
         let mismatch = |what, expected: String, actual: String| BundleError::ImageMismatch {
             path: self.path.clone(),

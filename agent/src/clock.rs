@@ -22,7 +22,7 @@ pub trait Clock: Debug + Send + Sync {
 
 /// The system's real-time clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {

@@ -222,7 +222,7 @@ pub enum TrustError {
 
 impl TrustError {
     /// Stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             TrustError::Root { error, .. } => error.kind(),
             TrustError::Persisted { .. } => "root_persisted_corrupt",

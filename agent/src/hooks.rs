@@ -17,14 +17,14 @@ use crate::state::{HookRecord, StateStore};
 
 /// Where a hook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HookPoint {
+pub(crate) enum HookPoint {
     PostInstall,
     PreReboot,
     PostCommit,
 }
 
 impl HookPoint {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             HookPoint::PostInstall => "post_install",
             HookPoint::PreReboot => "pre_reboot",
@@ -60,7 +60,7 @@ fn tail_note(tail: &str) -> String {
 }
 
 impl HookError {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         "hook_failed"
     }
 }
@@ -68,7 +68,7 @@ impl HookError {
 /// Run the hook configured for `point` (nothing when unset) with `env` added to the
 /// agent's environment plus `UPDATE_AGENT_HOOK`, record the run in the history of `store`
 /// (best effort: a hook's verdict does not depend on the state file), and return it.
-pub fn run(
+pub(crate) fn run(
     hooks: &HooksConfig,
     point: HookPoint,
     env: &[(String, String)],

@@ -36,7 +36,7 @@ pub trait Reboot: std::fmt::Debug + Send + Sync {
 
 /// `[reboot] command` (default `systemctl reboot`).
 #[derive(Debug, Clone)]
-pub struct CommandReboot {
+pub(crate) struct CommandReboot {
     pub command: Vec<String>,
 }
 
@@ -83,7 +83,7 @@ pub struct Settings {
 
 impl Settings {
     /// From a validated configuration.
-    pub fn from_config(config: &Config) -> Result<Settings, AgentError> {
+    pub(crate) fn from_config(config: &Config) -> Result<Settings, AgentError> {
         let c = &config.install;
         let fetch = FetchConfig {
             connect_timeout: c.connect_timeout.into(),
@@ -148,7 +148,7 @@ impl Host {
     }
 
     /// The host's HTTP client (rustls and its roots set up once per host).
-    pub fn http_client(&self) -> Result<reqwest::Client, AgentError> {
+    pub(crate) fn http_client(&self) -> Result<reqwest::Client, AgentError> {
         if let Some(c) = self.http.get() {
             return Ok(c.clone());
         }
@@ -157,7 +157,7 @@ impl Host {
     }
 
     /// The trust policy of `[[trust.keys]]` (read when the host was opened).
-    pub fn config_trust_policy(&self) -> Result<updater_proto::TrustPolicy, AgentError> {
+    pub(crate) fn config_trust_policy(&self) -> Result<updater_proto::TrustPolicy, AgentError> {
         match &self.settings.trust_policy {
             Some(p) => Ok(p.clone()),
             // No key configured: the configuration's own error says so.
@@ -179,7 +179,7 @@ impl Host {
     }
 
     /// The whole-disk path from `[disk] path`.
-    pub fn disk_path(&self) -> Result<PathBuf, AgentError> {
+    pub(crate) fn disk_path(&self) -> Result<PathBuf, AgentError> {
         self.config
             .disk
             .path
@@ -190,16 +190,16 @@ impl Host {
             })
     }
 
-    pub fn open_disk(&self) -> Result<FileDevice, AgentError> {
+    pub(crate) fn open_disk(&self) -> Result<FileDevice, AgentError> {
         Ok(FileDevice::open(self.disk_path()?)?)
     }
 
-    pub fn open_disk_read_only(&self) -> Result<FileDevice, AgentError> {
+    pub(crate) fn open_disk_read_only(&self) -> Result<FileDevice, AgentError> {
         Ok(FileDevice::open_read_only(self.disk_path()?)?)
     }
 
     /// Slots resolved from the disk's GPT (read-only).
-    pub fn slots(&self) -> Result<ResolvedSlots, AgentError> {
+    pub(crate) fn slots(&self) -> Result<ResolvedSlots, AgentError> {
         let dev = self.open_disk_read_only()?;
         let gpt = Gpt::read(&dev).map_err(crate::disk::SlotError::from)?;
         Ok(self.layout.resolve(&gpt)?)
@@ -257,7 +257,7 @@ impl Host {
 
     /// The slot this system booted from: the `boot.booted_slot` override, else the partition
     /// named by `PARTUUID=` on the kernel command line, else RAUC's `rauc.slot=`.
-    pub fn booted_slot(&self, slots: &ResolvedSlots) -> Result<BootedSlot, AgentError> {
+    pub(crate) fn booted_slot(&self, slots: &ResolvedSlots) -> Result<BootedSlot, AgentError> {
         if let Some(slot) = self.config.boot.booted_slot {
             return Ok(BootedSlot {
                 slot,
@@ -311,10 +311,10 @@ impl Host {
 
 /// Where the running system's os-release is looked for when `[system] os_release_path` is
 /// unset, in order (the os-release(5) rule).
-pub const OS_RELEASE_PATHS: [&str; 2] = ["/etc/os-release", "/usr/lib/os-release"];
+pub(crate) const OS_RELEASE_PATHS: [&str; 2] = ["/etc/os-release", "/usr/lib/os-release"];
 
 /// `VERSION_ID` of an os-release file's text, unquoted (os-release(5) shell-style values).
-pub fn os_release_version_id(text: &str) -> Option<String> {
+pub(crate) fn os_release_version_id(text: &str) -> Option<String> {
     text.lines().find_map(|line| {
         let value = line.trim().strip_prefix("VERSION_ID=")?;
         let value = value.trim();
@@ -332,7 +332,7 @@ impl Host {
     /// `VERSION_ID` of its os-release. `None` only when os-release is not configured and the
     /// default files are missing or carry no semver `VERSION_ID` (a host that is not an
     /// image-based product); a configured file that does not give one is an error.
-    pub fn system_version(&self) -> Result<Option<Version>, AgentError> {
+    pub(crate) fn system_version(&self) -> Result<Option<Version>, AgentError> {
         let sys = &self.config.system;
         if let Some(v) = &sys.running_version {
             return Version::parse(v).map(Some).map_err(|e| {
@@ -374,7 +374,7 @@ impl Host {
     /// ([`Host::system_version`]) and what the state record says the booted slot holds. The
     /// record alone can be lost or replaced by an older copy; the system alone may be a
     /// static file in a sandbox. Either can only raise the bar.
-    pub fn running_version(
+    pub(crate) fn running_version(
         &self,
         state: &State,
         booted: Option<SlotId>,

@@ -40,7 +40,7 @@ pub(crate) fn kind_message<S: Serializer>(
 }
 
 /// `Some((slot, version))` as `{"slot": .., "version": ..}`, `None` as `null`.
-pub fn slot_version<S: Serializer>(
+pub(crate) fn slot_version<S: Serializer>(
     v: &Option<(crate::slot::SlotId, String)>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
@@ -56,7 +56,10 @@ pub fn slot_version<S: Serializer>(
 }
 
 /// `[(role, value)]` as `[{"role": .., ...value's fields}]`.
-pub fn with_role<S: Serializer, T: Serialize>(v: &[(String, T)], s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn with_role<S: Serializer, T: Serialize>(
+    v: &[(String, T)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
     #[derive(Serialize)]
     struct WithRole<'a, T: Serialize> {
         role: &'a str,
@@ -98,23 +101,26 @@ pub mod millis {
         u64::try_from((d.as_nanos() + 500_000) / 1_000_000).unwrap_or(u64::MAX)
     }
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(to_ms(*d))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 
     /// Fractional seconds (`f64`) as whole milliseconds.
-    pub fn from_secs_f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn from_secs_f64<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_u64(to_ms(
             Duration::try_from_secs_f64(v.max(0.0)).unwrap_or(Duration::MAX),
         ))
     }
 
     /// Optional fractional seconds as whole milliseconds or `null`.
-    pub fn from_secs_f64_opt<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn from_secs_f64_opt<S: Serializer>(
+        v: &Option<f64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => from_secs_f64(v, s),
             None => s.serialize_none(),
@@ -124,7 +130,7 @@ pub mod millis {
 
 /// `value` (an object) with `schema_version` first; anything else wrapped as `{"schema_version",
 /// "value"}` so every line is an object.
-pub fn versioned<T: Serialize>(value: &T) -> serde_json::Value {
+pub(crate) fn versioned<T: Serialize>(value: &T) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     out.insert("schema_version".into(), SCHEMA_VERSION.into());
     match serde_json::to_value(value) {
@@ -144,11 +150,11 @@ fn serialize_kind() -> &'static str {
 }
 
 /// The `error` object every command prints on failure: `{"kind", "message"}`.
-pub fn error(kind: &str, message: &str) -> serde_json::Value {
+pub(crate) fn error(kind: &str, message: &str) -> serde_json::Value {
     serde_json::json!({"kind": kind, "message": message})
 }
 
 /// The whole failure line: `{"schema_version", "error": {"kind", "message"}}`.
-pub fn error_line(kind: &str, message: &str) -> serde_json::Value {
+pub(crate) fn error_line(kind: &str, message: &str) -> serde_json::Value {
     serde_json::json!({"schema_version": SCHEMA_VERSION, "error": error(kind, message)})
 }

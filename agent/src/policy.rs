@@ -28,7 +28,7 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             PolicyError::Downgrade { .. } => "downgrade",
             PolicyError::AlreadyRunning { .. } => "already_running",

@@ -22,13 +22,13 @@ use std::path::{Path, PathBuf};
 /// The vendor GUID of systemd-boot's EFI variables.
 pub const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 /// Where efivarfs shows `LoaderEntrySelected` (the id of the entry systemd-boot booted).
-pub const ENTRY_SELECTED_PATH: &str =
+pub(crate) const ENTRY_SELECTED_PATH: &str =
     "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 /// The name of systemd-boot's variable with the path of the entry it booted *with a
 /// counter* (set only when it counted the boot, after its rename): `\loader\entries\NAME+2-1.conf`.
 pub const BOOT_COUNT_PATH_VAR: &str = "LoaderBootCountPath";
 /// Largest `boot.tries` the backend accepts.
-pub const MAX_TRIES_LIMIT: u8 = 15;
+pub(crate) const MAX_TRIES_LIMIT: u8 = 15;
 
 /// Errors of the bls backend. Nothing is renamed when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +165,7 @@ impl Entry {
     }
 
     /// Whether the loader considers it with the entries it boots normally (not sorted last).
-    pub fn bootable(&self) -> bool {
+    pub(crate) fn bootable(&self) -> bool {
         self.tries_left() != Some(0)
     }
 
@@ -192,7 +192,7 @@ impl Entry {
 }
 
 /// systemd's `strverscmp_improved` (src/fundamental/string-util-fundamental.c).
-pub fn strverscmp_improved(a: &str, b: &str) -> Ordering {
+pub(crate) fn strverscmp_improved(a: &str, b: &str) -> Ordering {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.is_empty() || b.is_empty() {
         return a.cmp(b);
@@ -285,7 +285,7 @@ pub fn strverscmp_improved(a: &str, b: &str) -> Ordering {
 
 /// systemd-boot's `boot_entry_compare` for entries without `sort-key`: `Less` means `a` is
 /// listed (and, with no `default` configured, chosen) before `b`.
-pub fn entry_compare(a: &Entry, b: &Entry) -> Ordering {
+pub(crate) fn entry_compare(a: &Entry, b: &Entry) -> Ordering {
     (a.tries_left() == Some(0))
         .cmp(&(b.tries_left() == Some(0)))
         .then_with(|| strverscmp_improved(&a.id(), &b.id()).reverse())
@@ -314,7 +314,7 @@ pub fn next_boot(entries: &[Entry]) -> Option<SlotId> {
 
 /// Slot entry names: start with a letter, then letters, digits, `.`, `_`, `-` (no `+`, so
 /// the counter is unambiguous; no leading digit, so `GEN-` is unambiguous).
-pub fn validate_name(name: &str) -> Result<(), BlsError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), BlsError> {
     let ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && name
             .chars()

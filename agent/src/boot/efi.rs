@@ -22,7 +22,7 @@ use super::efivars::{EfiVar, EfiVarError, EfiVars, ATTR_NV_BS_RT, GLOBAL_GUID};
 use super::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
 
 /// `LOAD_OPTION_ACTIVE`.
-pub const LOAD_OPTION_ACTIVE: u32 = 0x1;
+pub(crate) const LOAD_OPTION_ACTIVE: u32 = 0x1;
 
 /// Errors of the efi backend. Nothing is written when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ pub enum EfiError {
 
 impl EfiError {
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             EfiError::Var(e) => e.kind(),
             EfiError::Malformed { .. } => "efi_malformed",
@@ -82,7 +82,7 @@ pub fn boot_var(n: u16) -> String {
 }
 
 /// Parse a load option number as efibootmgr prints it (`0001`, hexadecimal, 1 to 4 digits).
-pub fn parse_entry_number(s: &str) -> Result<u16, EfiError> {
+pub(crate) fn parse_entry_number(s: &str) -> Result<u16, EfiError> {
     let t = s
         .strip_prefix("Boot")
         .or_else(|| s.strip_prefix("0x"))
@@ -107,7 +107,7 @@ pub struct LoadOption {
 impl LoadOption {
     /// Parse `UINT32 Attributes; UINT16 FilePathListLength; CHAR16 Description[] (NUL
     /// terminated); EFI_DEVICE_PATH_PROTOCOL FilePathList[]; UINT8 OptionalData[]`.
-    pub fn parse(data: &[u8]) -> Result<Self, String> {
+    pub(crate) fn parse(data: &[u8]) -> Result<Self, String> {
         if data.len() < 6 {
             return Err(format!(
                 "{} bytes: shorter than the 6-byte header",
@@ -156,7 +156,7 @@ impl LoadOption {
         out
     }
 
-    pub fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         self.attributes & LOAD_OPTION_ACTIVE != 0
     }
 }
@@ -180,7 +180,7 @@ pub struct EfiBootVars {
 
 impl EfiBootVars {
     /// The slot whose load option is `n`.
-    pub fn slot_of(&self, n: u16) -> Option<SlotId> {
+    pub(crate) fn slot_of(&self, n: u16) -> Option<SlotId> {
         if n == self.entries[0] {
             Some(SlotId::A)
         } else if n == self.entries[1] {
@@ -190,7 +190,7 @@ impl EfiBootVars {
         }
     }
 
-    pub fn entry(&self, slot: SlotId) -> u16 {
+    pub(crate) fn entry(&self, slot: SlotId) -> u16 {
         match slot {
             SlotId::A => self.entries[0],
             SlotId::B => self.entries[1],
@@ -360,18 +360,8 @@ impl EfiBoot {
     }
 
     /// Read the variables.
-    pub fn read(&self) -> Result<EfiBootVars, EfiError> {
+    pub(crate) fn read(&self) -> Result<EfiBootVars, EfiError> {
         read_vars(self.vars.as_ref(), self.entries)
-    }
-
-    /// The variable store (the simulator boots from the same one).
-    pub fn vars_mut(&mut self) -> &mut dyn EfiVars {
-        self.vars.as_mut()
-    }
-
-    /// The store, consumed (tests take their recording store back).
-    pub fn into_vars(self) -> Box<dyn EfiVars> {
-        self.vars
     }
 
     /// The booted slot from `BootCurrent`, if it names a slot's load option.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// The EFI global variable vendor GUID (`BootOrder`, `BootNext`, `BootCurrent`, `Boot####`).
 pub const GLOBAL_GUID: &str = "8be4df61-93ca-11d2-aa0d-00e098032b8c";
 /// Where the kernel mounts efivarfs.
-pub const EFIVARS_DIR: &str = "/sys/firmware/efi/efivars";
+pub(crate) const EFIVARS_DIR: &str = "/sys/firmware/efi/efivars";
 /// `NON_VOLATILE | BOOTSERVICE_ACCESS | RUNTIME_ACCESS`: what boot variables carry.
 pub const ATTR_NV_BS_RT: u32 = 7;
 
@@ -37,7 +37,7 @@ pub enum EfiVarError {
 
 impl EfiVarError {
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             EfiVarError::Io { .. } => "efi_io",
             EfiVarError::Malformed { .. } => "efi_malformed",
@@ -76,7 +76,7 @@ impl EfiVarFs {
     }
 
     /// The file of variable `name` with vendor `guid`.
-    pub fn path(&self, name: &str, guid: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str, guid: &str) -> PathBuf {
         self.dir.join(format!("{name}-{guid}"))
     }
 
@@ -93,7 +93,7 @@ impl EfiVarFs {
 }
 
 /// Parse efivarfs bytes: attributes, then the value.
-pub fn decode(bytes: &[u8], path: &str) -> Result<EfiVar, EfiVarError> {
+pub(crate) fn decode(bytes: &[u8], path: &str) -> Result<EfiVar, EfiVarError> {
     if bytes.len() < 4 {
         return Err(EfiVarError::Malformed {
             path: path.to_string(),
@@ -221,7 +221,7 @@ mod immutable {
     }
 
     /// Clear the flag; `true` when it was set (so the caller restores it).
-    pub fn clear(path: &Path) -> std::io::Result<bool> {
+    pub(crate) fn clear(path: &Path) -> std::io::Result<bool> {
         let f = std::fs::File::open(path)?;
         match flags(&f)? {
             Some(v) if v & FS_IMMUTABLE_FL != 0 => {
@@ -233,7 +233,7 @@ mod immutable {
     }
 
     /// Set the flag again.
-    pub fn set(path: &Path) -> std::io::Result<()> {
+    pub(crate) fn set(path: &Path) -> std::io::Result<()> {
         let f = std::fs::File::open(path)?;
         if let Some(v) = flags(&f)? {
             put(&f, v | FS_IMMUTABLE_FL)?;
@@ -242,7 +242,7 @@ mod immutable {
     }
 
     /// Whether the flag is set (tests).
-    pub fn is_set(path: &Path) -> std::io::Result<bool> {
+    pub(crate) fn is_set(path: &Path) -> std::io::Result<bool> {
         let f = std::fs::File::open(path)?;
         Ok(flags(&f)?.is_some_and(|v| v & FS_IMMUTABLE_FL != 0))
     }
@@ -259,28 +259,8 @@ pub fn set_immutable(path: &Path) -> std::io::Result<()> {
     immutable::set(path)
 }
 
-/// A UTF-16LE string value (systemd-boot's variables, load option descriptions), without
-/// its NUL terminator.
-pub fn utf16_string(data: &[u8], path: &str) -> Result<String, EfiVarError> {
-    if data.len() % 2 != 0 {
-        return Err(EfiVarError::Malformed {
-            path: path.to_string(),
-            reason: "a UTF-16 string of an odd number of bytes".into(),
-        });
-    }
-    let units: Vec<u16> = data
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
-    String::from_utf16(&units).map_err(|_| EfiVarError::Malformed {
-        path: path.to_string(),
-        reason: "not valid UTF-16".into(),
-    })
-}
-
 /// `s` as UTF-16LE with a NUL terminator.
-pub fn utf16_bytes(s: &str) -> Vec<u8> {
+pub(crate) fn utf16_bytes(s: &str) -> Vec<u8> {
     s.encode_utf16()
         .chain(std::iter::once(0))
         .flat_map(u16::to_le_bytes)

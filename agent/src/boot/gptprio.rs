@@ -11,9 +11,9 @@
 use super::{BootControl, BootError, BootStatus, SlotId, SlotStatus};
 use crate::disk::{BlockDevice, Gpt, ResolvedSlots, SlotError, SlotLayoutConfig};
 
-pub const PRIORITY_SHIFT: u32 = 48;
-pub const TRIES_SHIFT: u32 = 52;
-pub const SUCCESSFUL_BIT: u32 = 56;
+pub(crate) const PRIORITY_SHIFT: u32 = 48;
+pub(crate) const TRIES_SHIFT: u32 = 52;
+pub(crate) const SUCCESSFUL_BIT: u32 = 56;
 /// Bits 48-56: the only bits this backend ever changes.
 pub const GPTPRIO_MASK: u64 = 0x1ff << PRIORITY_SHIFT;
 
@@ -45,7 +45,7 @@ impl GptPrioFlags {
     }
 
     /// Unbootable: priority 0, no tries, not successful.
-    pub const DISABLED: GptPrioFlags = GptPrioFlags {
+    pub(crate) const DISABLED: GptPrioFlags = GptPrioFlags {
         priority: 0,
         tries: 0,
         successful: false,
@@ -53,7 +53,7 @@ impl GptPrioFlags {
 }
 
 /// Tries given to a staged slot unless configured otherwise (Bottlerocket and ChromeOS use 1).
-pub const DEFAULT_TRIES: u8 = 1;
+pub(crate) const DEFAULT_TRIES: u8 = 1;
 
 /// The gptprio backend over one disk.
 #[derive(Debug)]

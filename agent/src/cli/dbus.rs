@@ -29,13 +29,13 @@ use crate::host::Host;
 use crate::progress::live::{FeedMessage, LiveProgress, FEED_SOCKET};
 
 /// Well-known bus name, object path and interface.
-pub const BUS_NAME: &str = "org.updateagent.Agent1";
-pub const OBJECT_PATH: &str = "/org/updateagent/Agent1";
+pub(crate) const BUS_NAME: &str = "org.updateagent.Agent1";
+pub(crate) const OBJECT_PATH: &str = "/org/updateagent/Agent1";
 
 /// Errors a caller sees (`org.updateagent.Agent1.Error.*`).
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.updateagent.Agent1.Error")]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[zbus(error)]
     ZBus(zbus::Error),
     /// The operation failed: `[kind] message`.
@@ -70,7 +70,7 @@ impl Operation {
 
 /// The served object.
 #[derive(Debug)]
-pub struct Agent {
+pub(crate) struct Agent {
     config: Config,
     operation: Arc<Mutex<Operation>>,
     last_error: Arc<Mutex<String>>,
@@ -85,7 +85,7 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 impl Agent {
-    pub fn new(config: Config) -> Agent {
+    pub(crate) fn new(config: Config) -> Agent {
         Agent {
             config,
             operation: Arc::new(Mutex::new(Operation::Idle)),
@@ -508,7 +508,7 @@ async fn follow_feed(
 
 /// Serve the API until SIGTERM/SIGINT: on `address` (a D-Bus address, for tests and
 /// private buses) or the system bus.
-pub fn serve(config: Config, address: Option<&str>) -> Result<(), AgentError> {
+pub(crate) fn serve(config: Config, address: Option<&str>) -> Result<(), AgentError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |e: zbus::Error| AgentError::Io {

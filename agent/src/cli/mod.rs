@@ -288,7 +288,7 @@ impl<'a> StatusView<'a> {
 /// `check`'s exit status: 0 when `apply` would install the offered release, 2 when there is
 /// nothing to do (this host already runs it), 3 when the policy refuses it (older,
 /// denylisted, below the minimum version); failures exit 1 (docs/json.md).
-pub fn check_exit_code(report: &crate::ops::check::CheckReport) -> std::process::ExitCode {
+pub(crate) fn check_exit_code(report: &crate::ops::check::CheckReport) -> std::process::ExitCode {
     match report.refused.as_ref().map(|(kind, _)| kind.as_str()) {
         None => std::process::ExitCode::SUCCESS,
         Some("already_running" | "already_staged") => std::process::ExitCode::from(2),

@@ -28,7 +28,7 @@ impl From<HumanDuration> for Duration {
 
 /// Parse `"1h30m"`-style text: one or more `<integer><unit>` with units `ms`, `s`, `m`, `h`,
 /// `d`; whitespace between parts is allowed. A bare number is refused (seconds or minutes?).
-pub fn parse(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s.is_empty() {
         return Err("empty duration".into());

@@ -36,7 +36,7 @@ fn default_timeout() -> HumanDuration {
 
 impl HooksConfig {
     /// Each configured hook names a program and has a timeout above zero.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         for (name, hook) in [
             ("post_install", &self.post_install),
             ("pre_reboot", &self.pre_reboot),

@@ -25,8 +25,8 @@ mod validate;
 
 pub use checks::{CheckSpec, CheckTarget};
 pub use duration::HumanDuration;
-pub use hooks::{HookConfig, HooksConfig};
-pub use sources::{ConfigSources, DEFAULT_DROPIN_DIRS, DEFAULT_MAIN};
+pub(crate) use hooks::{HookConfig, HooksConfig};
+pub use sources::ConfigSources;
 
 use crate::disk::SlotLayoutConfig;
 use crate::slot::SlotId;

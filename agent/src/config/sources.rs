@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use super::{invalid, Config, ConfigError};
 
 /// Default main configuration file.
-pub const DEFAULT_MAIN: &str = "/etc/update-agent/config.toml";
+pub(crate) const DEFAULT_MAIN: &str = "/etc/update-agent/config.toml";
 /// Default drop-in directories, lowest precedence first.
-pub const DEFAULT_DROPIN_DIRS: [&str; 3] = [
+pub(crate) const DEFAULT_DROPIN_DIRS: [&str; 3] = [
     "/usr/lib/update-agent/config.d",
     "/run/update-agent/config.d",
     "/etc/update-agent/config.d",

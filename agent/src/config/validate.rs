@@ -12,7 +12,7 @@ use crate::disk::SlotLayoutConfig;
 
 impl Config {
     /// Rules across keys, checked on the merged result.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.hooks.validate().map_err(|(k, m)| invalid(&k, m))?;
         match (self.disk.layout, &self.disk.slots) {
             (LayoutPreset::Custom, None) => {
@@ -212,7 +212,7 @@ fn preset_name(p: LayoutPreset) -> &'static str {
 
 impl KeyConfig {
     /// Read and parse this key (`index` names it in errors when it has no id).
-    pub fn load(&self, index: usize) -> Result<TrustedKey, ConfigError> {
+    pub(crate) fn load(&self, index: usize) -> Result<TrustedKey, ConfigError> {
         let which = match (&self.id, &self.source) {
             (Some(id), _) => format!("trust.keys[{index}] (id {id})"),
             (None, KeySource::File(f)) => format!("trust.keys[{index}] ({})", f.display()),
@@ -291,7 +291,7 @@ impl WindowConfig {
     }
 
     /// Minutes after local midnight at which the window opens.
-    pub fn start_minutes(&self) -> Result<u32, String> {
+    pub(crate) fn start_minutes(&self) -> Result<u32, String> {
         let bad = || format!("start {:?} is not HH:MM (00:00..23:59)", self.start);
         let (h, m) = self.start.split_once(':').ok_or_else(bad)?;
         let h: u32 = h.parse().map_err(|_| bad())?;

@@ -48,7 +48,7 @@ pub use crate::ops::testhold::TEST_HOLD_ENV;
 
 /// How the daemon runs.
 #[derive(Debug, Clone, Default)]
-pub struct DaemonOptions {
+pub(crate) struct DaemonOptions {
     /// One cycle (poll, install, reboot decision), then exit.
     pub once: bool,
 }
@@ -137,7 +137,7 @@ impl CycleOutcome {
 }
 
 /// Run the daemon on its own runtime until SIGTERM/SIGINT (or after one cycle with `once`).
-pub fn run(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
+pub(crate) fn run(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
     let rt = crate::host::runtime()?;
     let result = rt.block_on(run_async(config, opts));
     // A blocking step of an interrupted install gets a moment to finish; the process exits
@@ -151,7 +151,7 @@ pub fn run(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> 
 const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// The daemon on the current (multi-thread) runtime.
-pub async fn run_async(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
+pub(crate) async fn run_async(config: Config, opts: DaemonOptions) -> Result<ExitCode, AgentError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| AgentError::Io { what, source }
@@ -260,7 +260,7 @@ impl Daemon {
     }
 
     /// Cycles until stopped; with `once`, one cycle (exit status 1 if it failed).
-    pub async fn run_loop(&mut self, once: bool) -> ExitCode {
+    pub(crate) async fn run_loop(&mut self, once: bool) -> ExitCode {
         let mut failures: u32 = 0;
         loop {
             let result = self.step().await;
@@ -343,7 +343,7 @@ impl Daemon {
     }
 
     /// One cycle: release, reboot decision, check, install (see the module docs).
-    pub async fn cycle(&mut self) -> Result<CycleOutcome, DaemonError> {
+    pub(crate) async fn cycle(&mut self) -> Result<CycleOutcome, DaemonError> {
         let state = self.host.state.load()?;
         self.live.running_version = self.running_version(&state);
         if let Some(held) = HeldSlot::load(self.host.state.dir())? {
@@ -609,7 +609,7 @@ impl Daemon {
 /// Exponential backoff after `failures` consecutive failures: from the poll interval (at most
 /// 1 min as a base), doubling, capped at `max`; the result is uniformly random in the upper
 /// half of that, so a fleet that failed together does not retry together.
-pub fn backoff_delay(poll: Duration, max: Duration, failures: u32) -> Duration {
+pub(crate) fn backoff_delay(poll: Duration, max: Duration, failures: u32) -> Duration {
     let base = poll.min(Duration::from_secs(60));
     let exp = base.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let capped = exp.min(max);

@@ -32,7 +32,7 @@ impl Notifier {
     }
 
     /// From the variables' values (`None`: unset).
-    pub fn from_vars(
+    pub(crate) fn from_vars(
         notify_socket: Option<std::ffi::OsString>,
         watchdog_usec: Option<String>,
         watchdog_pid: Option<String>,
@@ -64,12 +64,12 @@ impl Notifier {
     }
 
     /// How often to send WATCHDOG=1: half the service's watchdog timeout.
-    pub fn watchdog_interval(&self) -> Option<Duration> {
+    pub(crate) fn watchdog_interval(&self) -> Option<Duration> {
         self.watchdog.map(|d| d / 2)
     }
 
     /// Send one message (`KEY=VALUE` lines). Best effort: a failure is logged, never fatal.
-    pub fn send(&self, msg: &str) {
+    pub(crate) fn send(&self, msg: &str) {
         let Some((sock, target)) = &self.socket else {
             return;
         };
@@ -87,19 +87,19 @@ impl Notifier {
     }
 
     /// STATUS= with a human line (newlines would end the field: replaced).
-    pub fn status(&self, line: &str) {
+    pub(crate) fn status(&self, line: &str) {
         self.send(&format!("STATUS={}", line.replace('\n', " ")));
     }
 
-    pub fn ready(&self, line: &str) {
+    pub(crate) fn ready(&self, line: &str) {
         self.send(&format!("READY=1\nSTATUS={}", line.replace('\n', " ")));
     }
 
-    pub fn watchdog(&self) {
+    pub(crate) fn watchdog(&self) {
         self.send("WATCHDOG=1");
     }
 
-    pub fn stopping(&self, line: &str) {
+    pub(crate) fn stopping(&self, line: &str) {
         self.send(&format!("STOPPING=1\nSTATUS={}", line.replace('\n', " ")));
     }
 }

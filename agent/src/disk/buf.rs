@@ -4,11 +4,11 @@
 
 /// Alignment of every I/O buffer: the largest logical block size in use (4Kn disks), which
 /// also satisfies 512-byte devices.
-pub const IO_ALIGN: usize = 4096;
+pub(crate) const IO_ALIGN: usize = 4096;
 
 /// A heap buffer whose usable window starts at an [`IO_ALIGN`]-aligned address.
 #[derive(Debug)]
-pub struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     storage: Vec<u8>,
     start: usize,
     len: usize,
@@ -16,7 +16,7 @@ pub struct AlignedBuf {
 
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (rounded up to a multiple of [`IO_ALIGN`]).
-    pub fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let len = round_up(len.max(1) as u64, IO_ALIGN as u64) as usize;
         let storage = vec![0u8; len + IO_ALIGN];
         let start = storage.as_ptr().align_offset(IO_ALIGN);
@@ -31,7 +31,7 @@ impl AlignedBuf {
     }
 
     /// A zero-length placeholder that owns no memory.
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         AlignedBuf {
             storage: Vec::new(),
             start: 0,
@@ -39,25 +39,25 @@ impl AlignedBuf {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
-    pub fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
     }
 }
 
 /// `v` rounded up to a multiple of `align` (a power of two or any non-zero value).
-pub fn round_up(v: u64, align: u64) -> u64 {
+pub(crate) fn round_up(v: u64, align: u64) -> u64 {
     v.div_ceil(align) * align
 }
 

@@ -13,7 +13,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-pub use buf::{AlignedBuf, IO_ALIGN};
+pub(crate) use buf::AlignedBuf;
 pub use slots::{PartSelector, Partition, ResolvedSlots, Slot, SlotError, SlotLayoutConfig};
 pub use table::{CopyHealth, Gpt, GptError, GptHealth};
 

@@ -185,7 +185,7 @@ impl SlotLayoutConfig {
 
     /// Checks that need no disk: both slots name the same non-empty set of roles, and the
     /// flags role is one of them.
-    pub fn validate(&self) -> Result<(), SlotError> {
+    pub(crate) fn validate(&self) -> Result<(), SlotError> {
         for id in [SlotId::A, SlotId::B] {
             let c = self.slot_config(id);
             if c.is_empty() {
@@ -319,11 +319,11 @@ mod guid_text {
     use serde::{Deserialize, Deserializer, Serializer};
     use uuid::Uuid;
 
-    pub fn serialize<S: Serializer>(g: &Uuid, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(g: &Uuid, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(g)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
         let text = String::deserialize(d)?;
         Uuid::parse_str(&text).map_err(serde::de::Error::custom)
     }
@@ -360,7 +360,7 @@ impl Slot {
     }
 
     /// Whether any partition of this slot has this unique GUID.
-    pub fn has_guid(&self, guid: Uuid) -> bool {
+    pub(crate) fn has_guid(&self, guid: Uuid) -> bool {
         self.parts.values().any(|p| p.unique_guid == guid)
     }
 }
@@ -421,7 +421,7 @@ pub enum SlotError {
 
 impl SlotError {
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             SlotError::Gpt(e) => e.kind(),
             SlotError::Config(_) => "slot_config",

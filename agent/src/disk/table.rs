@@ -39,7 +39,7 @@ pub enum CopyHealth {
 }
 
 impl CopyHealth {
-    pub fn is_valid(&self) -> bool {
+    pub(crate) fn is_valid(&self) -> bool {
         matches!(self, CopyHealth::Valid)
     }
 }
@@ -91,7 +91,7 @@ pub enum GptError {
 
 impl GptError {
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             GptError::Io { .. } => "gpt_io",
             GptError::NoGpt { .. } => "gpt_missing",
@@ -414,7 +414,7 @@ impl Gpt {
         self.template.disk_guid
     }
 
-    pub fn sector_size(&self) -> u64 {
+    pub(crate) fn sector_size(&self) -> u64 {
         self.sector_size
     }
 
@@ -439,7 +439,7 @@ impl Gpt {
     }
 
     /// Whether the in-memory array differs from the disk.
-    pub fn is_dirty(&self) -> bool {
+    pub(crate) fn is_dirty(&self) -> bool {
         self.entries != self.on_disk
     }
 

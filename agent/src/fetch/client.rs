@@ -63,7 +63,7 @@ pub fn http_client(opts: &HttpOptions) -> Result<reqwest::Client, FetchError> {
 
 /// The CA certificates of a PEM file; a file with none is an error (it would trust nothing
 /// and fail every fetch later with a less clear message).
-pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
+pub(crate) fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError> {
     let bad = |message: String| FetchError::CaFile {
         path: path.to_path_buf(),
         message,
@@ -80,7 +80,7 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, FetchError
 /// wrong name, expired, not TLS at all...). Every HTTP caller (manifests, roots, images,
 /// FleetLock, reports) classifies its send errors with this, so a trust failure has the
 /// kind `tls` wherever it happens.
-pub fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub(crate) fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         // io::Error::source() skips the error it wraps, and the connector nests them

@@ -126,7 +126,11 @@ impl Download {
     }
 
     /// Like [`Download::start_at`] on a download in progress (drops the open response).
-    pub fn set_position(&mut self, offset: u64, etag: Option<String>) -> Result<(), FetchError> {
+    pub(crate) fn set_position(
+        &mut self,
+        offset: u64,
+        etag: Option<String>,
+    ) -> Result<(), FetchError> {
         if offset > self.expected_len {
             return Err(FetchError::TooLong {
                 url: self.shown.clone(),
@@ -161,11 +165,6 @@ impl Download {
         let mut s = self.stats;
         s.failures = self.retry.total_failures;
         s
-    }
-
-    /// The URL without user info or query, for messages.
-    pub fn url_for_display(&self) -> &str {
-        &self.shown
     }
 
     /// The next chunk; `Ok(None)` once exactly `expected_len` bytes have been delivered.

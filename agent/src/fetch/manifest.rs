@@ -23,7 +23,7 @@ pub enum ManifestSource {
 
 impl ManifestSource {
     /// The manifest of the bundle at `path` (its member table read and checked here).
-    pub fn bundle(path: &Path) -> Result<Self, FetchError> {
+    pub(crate) fn bundle(path: &Path) -> Result<Self, FetchError> {
         let bundle = crate::bundle::Bundle::open(path)?;
         Ok(ManifestSource::Bundle {
             bundle: std::sync::Arc::new(bundle),
@@ -61,7 +61,7 @@ impl ManifestSource {
     /// What `relative` (an image or root file named in the manifest) names beside this
     /// manifest: joined to the URL, or in the manifest file's directory. Err: why the URL
     /// does not join.
-    pub fn beside(&self, relative: &str) -> Result<ManifestSource, String> {
+    pub(crate) fn beside(&self, relative: &str) -> Result<ManifestSource, String> {
         match self {
             ManifestSource::Url(url) => url
                 .join(relative)

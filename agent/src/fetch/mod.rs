@@ -16,7 +16,8 @@ mod download;
 mod manifest;
 mod retry;
 
-pub use client::{http_client, load_ca_file, tls_cause, HttpOptions};
+pub(crate) use client::tls_cause;
+pub use client::{http_client, HttpOptions};
 pub use download::{parse_content_range_value, strong_etag_value, Chunk, Download, FetchStats};
 pub use manifest::{fetch_manifest, ManifestSource};
 pub use reqwest::Url;
@@ -188,7 +189,7 @@ pub fn build_client(cfg: &FetchConfig) -> Result<reqwest::Client, FetchError> {
 /// http:// servers (found by the lab: the daemon could not start on a minimal Debian). Then
 /// the client is built again trusting no root: http:// works, https:// fails at connect with
 /// an unknown-issuer error, and a warning says why.
-pub fn build_tolerating_no_roots(
+pub(crate) fn build_tolerating_no_roots(
     make: impl Fn() -> reqwest::ClientBuilder,
 ) -> Result<reqwest::Client, reqwest::Error> {
     let first = match make().build() {
@@ -208,7 +209,7 @@ pub fn build_tolerating_no_roots(
 }
 
 /// A URL fit for logs and errors: no user info, no query, no fragment.
-pub fn redact(url: &Url) -> String {
+pub(crate) fn redact(url: &Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);

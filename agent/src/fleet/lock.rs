@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::FleetError;
 
 /// The protocol header and its required value.
-pub const PROTOCOL_HEADER: &str = "fleet-lock-protocol";
+pub(crate) const PROTOCOL_HEADER: &str = "fleet-lock-protocol";
 /// Marker file (in the state directory) saying this host holds a reboot slot.
 pub const HELD_FILE: &str = "fleetlock.json";
 
@@ -227,7 +227,7 @@ impl HeldSlot {
     }
 
     /// Persist the marker (atomically) before the reboot command runs.
-    pub fn save(&self, state_dir: &Path) -> Result<(), FleetError> {
+    pub(crate) fn save(&self, state_dir: &Path) -> Result<(), FleetError> {
         let path = Self::path(state_dir);
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| FleetError::Corrupt {
             what: "FleetLock marker",
@@ -242,7 +242,7 @@ impl HeldSlot {
     }
 
     /// Forget the marker once the slot was given back.
-    pub fn clear(state_dir: &Path) -> Result<(), FleetError> {
+    pub(crate) fn clear(state_dir: &Path) -> Result<(), FleetError> {
         let path = Self::path(state_dir);
         match std::fs::remove_file(&path) {
             Ok(()) => crate::state::atomic::sync_dir(state_dir).map_err(|source| FleetError::Io {

@@ -15,7 +15,7 @@ use super::FleetError;
 use crate::state::{HistoryEvent, State};
 
 /// Counter file inside the state directory.
-pub const COUNTERS_FILE: &str = "metrics.json";
+pub(crate) const COUNTERS_FILE: &str = "metrics.json";
 
 /// Persisted counters and last values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -52,7 +52,7 @@ impl Counters {
 
     /// The stored counters; a missing or unreadable file starts from zero (metrics are
     /// diagnostics: losing them must not stop updates), with a warning for a corrupt one.
-    pub fn load(state_dir: &Path) -> Counters {
+    pub(crate) fn load(state_dir: &Path) -> Counters {
         let path = Self::path(state_dir);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -63,7 +63,7 @@ impl Counters {
         }
     }
 
-    pub fn save(&self, state_dir: &Path) -> Result<(), FleetError> {
+    pub(crate) fn save(&self, state_dir: &Path) -> Result<(), FleetError> {
         let path = Self::path(state_dir);
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| FleetError::Corrupt {
             what: "metrics counters",
@@ -90,7 +90,7 @@ pub struct Live {
 }
 
 /// Every phase name, so each series exists (0 or 1) and alerts can match on absence of 1.
-pub const PHASES: [&str; 8] = [
+pub(crate) const PHASES: [&str; 8] = [
     "idle",
     "downloading",
     "staged",
@@ -105,7 +105,7 @@ pub const PHASES: [&str; 8] = [
 impl Counters {
     /// Counts the rollbacks the history gained since the last call (the health check records
     /// them, possibly in another process and boot).
-    pub fn count_rollbacks(&mut self, state: &State) {
+    pub(crate) fn count_rollbacks(&mut self, state: &State) {
         let mut newest = self.last_rollback_counted;
         for h in state
             .history
@@ -319,7 +319,7 @@ pub fn render(c: &Counters, state: &State, live: &Live) -> String {
 }
 
 /// Replace the `.prom` file atomically (mode 0644: node_exporter runs as another user).
-pub fn write(path: &Path, text: &str) -> Result<(), FleetError> {
+pub(crate) fn write(path: &Path, text: &str) -> Result<(), FleetError> {
     crate::state::atomic::write_atomic(path, text.as_bytes(), 0o644).map_err(|source| {
         FleetError::Io {
             what: "writing metrics",

@@ -74,7 +74,7 @@ impl Window {
     }
 
     /// Every `[[reboot.windows]]` of the configuration.
-    pub fn all(configs: &[WindowConfig]) -> Result<Vec<Window>, FleetError> {
+    pub(crate) fn all(configs: &[WindowConfig]) -> Result<Vec<Window>, FleetError> {
         configs
             .iter()
             .enumerate()

@@ -13,22 +13,22 @@ use serde::{Deserialize, Serialize};
 use super::{io_err, HealthError};
 
 /// File name inside the state directory.
-pub const MARKER_FILE: &str = "drill.armed";
+pub(crate) const MARKER_FILE: &str = "drill.armed";
 
 /// Where the kernel says how long ago it booted.
-pub const PROC_UPTIME_PATH: &str = "/proc/uptime";
+pub(crate) const PROC_UPTIME_PATH: &str = "/proc/uptime";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Marker {
+pub(crate) struct Marker {
     pub armed_at: Timestamp,
 }
 
-pub fn marker_path(state_dir: &Path) -> PathBuf {
+pub(crate) fn marker_path(state_dir: &Path) -> PathBuf {
     state_dir.join(MARKER_FILE)
 }
 
 /// Arm (or re-arm) the drill, stamped `now`; returns the marker written.
-pub fn arm(state_dir: &Path, now: Timestamp) -> Result<Marker, HealthError> {
+pub(crate) fn arm(state_dir: &Path, now: Timestamp) -> Result<Marker, HealthError> {
     let marker = Marker { armed_at: now };
     let bytes = serde_json::to_vec(&marker).map_err(|source| HealthError::Serialize {
         what: "the drill marker",
@@ -40,7 +40,7 @@ pub fn arm(state_dir: &Path, now: Timestamp) -> Result<Marker, HealthError> {
 }
 
 /// The armed marker, if any.
-pub fn peek(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
+pub(crate) fn peek(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
     let path = marker_path(state_dir);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -53,7 +53,7 @@ pub fn peek(state_dir: &Path) -> Result<Option<Marker>, HealthError> {
 
 /// Whether the drill is armed, for the health check: a corrupt marker still counts as armed
 /// (the operator asked for a drill), stamped `now`, rather than failing the boot's check.
-pub fn armed(state_dir: &Path, now: Timestamp) -> Result<Option<Marker>, HealthError> {
+pub(crate) fn armed(state_dir: &Path, now: Timestamp) -> Result<Option<Marker>, HealthError> {
     match peek(state_dir) {
         Err(HealthError::MarkerCorrupt { path, .. }) => {
             tracing::warn!(path = %path.display(), "drill marker unreadable; treating it as armed now");
@@ -64,7 +64,7 @@ pub fn armed(state_dir: &Path, now: Timestamp) -> Result<Option<Marker>, HealthE
 }
 
 /// Remove the marker (durably); returns what [`armed`] saw.
-pub fn take(state_dir: &Path, now: Timestamp) -> Result<Option<Marker>, HealthError> {
+pub(crate) fn take(state_dir: &Path, now: Timestamp) -> Result<Option<Marker>, HealthError> {
     let marker = armed(state_dir, now)?;
     if marker.is_some() {
         disarm(state_dir)?;
@@ -73,7 +73,7 @@ pub fn take(state_dir: &Path, now: Timestamp) -> Result<Option<Marker>, HealthEr
 }
 
 /// Remove the marker; `true` if there was one.
-pub fn disarm(state_dir: &Path) -> Result<bool, HealthError> {
+pub(crate) fn disarm(state_dir: &Path) -> Result<bool, HealthError> {
     let path = marker_path(state_dir);
     match std::fs::remove_file(&path) {
         Ok(()) => {
@@ -91,7 +91,7 @@ pub fn disarm(state_dir: &Path) -> Result<bool, HealthError> {
 /// boot really began, not when its check started (on a slow machine those are a minute
 /// apart). `None`, with a warning, when the file cannot be read or holds no valid uptime: a
 /// missing boot time must never fail a boot's check.
-pub fn kernel_booted_at(uptime_path: &Path, now: Timestamp) -> Option<Timestamp> {
+pub(crate) fn kernel_booted_at(uptime_path: &Path, now: Timestamp) -> Option<Timestamp> {
     let text = match std::fs::read_to_string(uptime_path) {
         Ok(t) => t,
         Err(e) => {

@@ -15,9 +15,9 @@ use super::{io_err, HealthError};
 use crate::boot::SlotId;
 
 /// File name inside the state directory.
-pub const JOURNAL_FILE: &str = "health.json";
+pub(crate) const JOURNAL_FILE: &str = "health.json";
 /// Boots kept (oldest dropped first).
-pub const JOURNAL_LIMIT: usize = 64;
+pub(crate) const JOURNAL_LIMIT: usize = 64;
 
 /// What kind of boot the health check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,7 +122,7 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn path(state_dir: &Path) -> PathBuf {
+    pub(crate) fn path(state_dir: &Path) -> PathBuf {
         state_dir.join(JOURNAL_FILE)
     }
 
@@ -141,7 +141,10 @@ impl Journal {
     /// `health.json.corrupt-<unix time>` and an empty one is used. It is a log, not a guard:
     /// the state record's phase and denylist still keep a rerun from confirming a failed
     /// slot, and refusing to judge the boot would roll back a good update.
-    pub fn load_or_set_aside(state_dir: &Path, clock: &dyn Clock) -> Result<Journal, HealthError> {
+    pub(crate) fn load_or_set_aside(
+        state_dir: &Path,
+        clock: &dyn Clock,
+    ) -> Result<Journal, HealthError> {
         match Self::load(state_dir) {
             Err(HealthError::JournalCorrupt { path, source }) => {
                 let aside = state_dir.join(format!("{JOURNAL_FILE}.corrupt-{}", clock.unix()));
@@ -172,7 +175,7 @@ impl Journal {
     }
 
     /// The run recorded for `boot_id`, if any.
-    pub fn for_boot(&self, boot_id: &str) -> Option<&BootRun> {
+    pub(crate) fn for_boot(&self, boot_id: &str) -> Option<&BootRun> {
         self.runs.iter().rev().find(|r| r.boot_id == boot_id)
     }
 

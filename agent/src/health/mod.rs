@@ -52,7 +52,7 @@ pub enum HealthError {
 
 impl HealthError {
     /// A stable machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             HealthError::Io { .. } => "health_io",
             HealthError::JournalCorrupt { .. } => "health_journal_corrupt",
@@ -83,7 +83,7 @@ pub struct HealthSettings {
 }
 
 impl HealthSettings {
-    pub fn from_config(config: &Config) -> HealthSettings {
+    pub(crate) fn from_config(config: &Config) -> HealthSettings {
         let h = &config.health;
         HealthSettings {
             required_dir: h.required_dir.clone(),

@@ -181,7 +181,7 @@ fn spec_check(spec: &CheckSpec, default_timeout: Duration) -> Check {
 /// Executables in `dir`, by file name. A missing directory holds no checks; an unreadable one
 /// or a non-executable file is a check that fails (a silently skipped required check would
 /// pass a broken boot). Hidden files and editor backups (`~`) are ignored.
-pub fn dir_checks(dir: &Path, required: bool, timeout: Duration) -> Vec<Check> {
+pub(crate) fn dir_checks(dir: &Path, required: bool, timeout: Duration) -> Vec<Check> {
     let source = if required {
         CheckSource::RequiredDir
     } else {
@@ -340,7 +340,7 @@ pub fn run_one(check: &Check, timeout: Duration, env: &CheckEnv) -> CheckResult 
 /// `timeout`; then kill whatever is left of the group (a hung check, or children it left
 /// behind) before reaping, so the group id cannot have been reused.
 /// Returns (succeeded, timed out, status in words, output tail); also runs the hooks.
-pub fn run_command(mut cmd: Command, timeout: Duration) -> (bool, bool, String, String) {
+pub(crate) fn run_command(mut cmd: Command, timeout: Duration) -> (bool, bool, String, String) {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let out = match tempfile::tempfile() {
         Ok(f) => f,
@@ -454,7 +454,7 @@ fn read_tail(mut f: File) -> String {
 }
 
 /// `1s`, `250ms`: how a timeout is shown.
-pub fn fmt_duration(d: Duration) -> String {
+pub(crate) fn fmt_duration(d: Duration) -> String {
     if d.subsec_millis() == 0 {
         format!("{}s", d.as_secs())
     } else {

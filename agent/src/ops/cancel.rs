@@ -21,7 +21,7 @@ use crate::install::CancelToken;
 use crate::state::{InstallLock, Phase, StateError, Transition};
 
 /// The request file inside the state directory: the pid of the install to stop.
-pub const CANCEL_REQUEST_FILE: &str = "cancel-request";
+pub(crate) const CANCEL_REQUEST_FILE: &str = "cancel-request";
 /// How long `cancel` waits for a running install to stop.
 const STOP_PATIENCE: Duration = Duration::from_secs(60);
 /// How often the installer looks at the request file, and `cancel` at the lock.
@@ -37,7 +37,7 @@ pub struct CancelReport {
 }
 
 impl CancelReport {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         format!(
             "cancelled: {} {}in slot {} will not boot; next boot: {}",
             self.version,
@@ -68,7 +68,7 @@ fn requested(dir: &Path) -> bool {
 
 /// The installer's side: a token cancelled once `<dir>/cancel-request` names this process,
 /// watched by a task that ends with the returned guard.
-pub fn watch(dir: &Path) -> (CancelToken, WatchGuard) {
+pub(crate) fn watch(dir: &Path) -> (CancelToken, WatchGuard) {
     let token = CancelToken::default();
     let (t, dir) = (token.clone(), dir.to_path_buf());
     let task = tokio::spawn(async move {
@@ -87,7 +87,7 @@ pub fn watch(dir: &Path) -> (CancelToken, WatchGuard) {
 
 /// Stops the request watcher of [`watch`] when dropped.
 #[derive(Debug)]
-pub struct WatchGuard(tokio::task::JoinHandle<()>);
+pub(crate) struct WatchGuard(tokio::task::JoinHandle<()>);
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {

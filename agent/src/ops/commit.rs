@@ -14,7 +14,7 @@ pub struct CommitReport {
 }
 
 impl CommitReport {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         format!(
             "slot {} ({}) marked good: it keeps booting",
             self.slot,

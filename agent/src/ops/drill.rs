@@ -28,7 +28,7 @@ pub struct ArmReport {
 }
 
 impl ArmReport {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let next = match &self.staged {
             Some((slot, v)) => format!(
                 "{v} is staged in slot {slot}: reboot, and its trial boot will fail its health check on purpose"
@@ -57,7 +57,7 @@ pub fn arm(host: &Host) -> Result<ArmReport, AgentError> {
 }
 
 /// Disarm; `true` if it was armed.
-pub fn disarm(host: &Host) -> Result<bool, AgentError> {
+pub(crate) fn disarm(host: &Host) -> Result<bool, AgentError> {
     Ok(drill::disarm(host.state.dir())?)
 }
 

@@ -13,4 +13,4 @@ pub mod reset;
 pub mod resume;
 pub mod rollback;
 pub mod status;
-pub mod testhold;
+pub(crate) mod testhold;

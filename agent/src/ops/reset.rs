@@ -7,7 +7,7 @@ use crate::host::Host;
 use crate::state::{InstallLock, ResetReport};
 
 /// Resets the record under the install lock (never in the middle of an install).
-pub fn reset(host: &Host, all: bool) -> Result<ResetReport, AgentError> {
+pub(crate) fn reset(host: &Host, all: bool) -> Result<ResetReport, AgentError> {
     let _lock = InstallLock::acquire(host.state.dir())?;
     let report = host.state.reset(all)?;
     tracing::warn!(moved_to = ?report.moved_to, all, "state record reset");

@@ -42,7 +42,7 @@ impl ResumeFile {
     }
 
     /// Forget every checkpoint (after staging, or when a different release is installed).
-    pub fn clear(&mut self) -> std::io::Result<()> {
+    pub(crate) fn clear(&mut self) -> std::io::Result<()> {
         self.records.clear();
         match std::fs::remove_file(&self.path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

@@ -76,7 +76,7 @@ pub fn status(host: &Host) -> Result<StatusReport, AgentError> {
 }
 
 /// The state record's phase as a sentence.
-pub fn phase_text(phase: &Phase) -> String {
+pub(crate) fn phase_text(phase: &Phase) -> String {
     match phase {
         Phase::Idle => "idle".into(),
         Phase::Downloading {

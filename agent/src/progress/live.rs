@@ -23,25 +23,25 @@ use super::Tally;
 use crate::install::{Phase, ProgressEvent};
 
 /// The file inside the state directory.
-pub const PROGRESS_FILE: &str = "progress.json";
+pub(crate) const PROGRESS_FILE: &str = "progress.json";
 /// The datagram socket a listener may bind inside the state directory.
-pub const FEED_SOCKET: &str = "progress.sock";
+pub(crate) const FEED_SOCKET: &str = "progress.sock";
 
 /// One datagram on [`FEED_SOCKET`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum FeedMessage {
+pub(crate) enum FeedMessage {
     /// What was just published to [`PROGRESS_FILE`].
     Progress(LiveProgress),
     /// The install of process `pid` is over (done or failed).
     Ended { pid: u32 },
 }
 /// Longest time between two writes while bytes move (so at most 4 renames a second).
-pub const WRITE_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const WRITE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What `status` reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LiveProgress {
+pub(crate) struct LiveProgress {
     /// The installing process.
     pub pid: u32,
     /// The release being installed, when the writer knows it.
@@ -166,7 +166,7 @@ impl LiveWriter {
 
     /// End the install's progress (as dropping does); says whether anything was published,
     /// i.e. whether a [`FeedMessage::Ended`] was sent.
-    pub fn finish(self) -> bool {
+    pub(crate) fn finish(self) -> bool {
         self.last_write.is_some()
     }
 
@@ -193,7 +193,7 @@ impl Drop for LiveWriter {
 }
 
 /// The running install's progress, if a live process is publishing one.
-pub fn read(state_dir: &Path) -> Option<LiveProgress> {
+pub(crate) fn read(state_dir: &Path) -> Option<LiveProgress> {
     let text = std::fs::read(state_dir.join(PROGRESS_FILE)).ok()?;
     let live: LiveProgress = serde_json::from_slice(&text).ok()?;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(live.pid).ok()?);
@@ -206,7 +206,7 @@ pub fn read(state_dir: &Path) -> Option<LiveProgress> {
 
 impl LiveProgress {
     /// `install: writing usr 12.0 MiB of 24.0 MiB (50%), 20.0 MiB/s, about 1s left`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         use indicatif::{HumanBytes, HumanDuration};
         let pct = (self.done * 100).checked_div(self.total).unwrap_or(0);
         let mut out = format!(

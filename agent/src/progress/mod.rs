@@ -16,7 +16,7 @@ use crate::install::{Phase, ProgressEvent};
 
 /// The install as one count, folded from the pipeline's per-target events.
 #[derive(Debug, Default, Clone)]
-pub struct Tally {
+pub(crate) struct Tally {
     /// Bytes of every image (from the pipeline's first event), 0 until known.
     total: u64,
     /// Per role: (image bytes written so far, image size).
@@ -27,7 +27,7 @@ pub struct Tally {
 
 /// A snapshot of a [`Tally`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TallyView {
+pub(crate) struct TallyView {
     pub phase: Phase,
     pub role: String,
     /// Image bytes written (downloaded, hashed and on disk) across all targets.
@@ -38,7 +38,7 @@ pub struct TallyView {
 
 impl Tally {
     /// Takes one pipeline event into the count.
-    pub fn event(&mut self, ev: &ProgressEvent) {
+    pub(crate) fn event(&mut self, ev: &ProgressEvent) {
         if ev.phase == Phase::Disabled && ev.role.is_empty() {
             // The first event carries the size of the whole install.
             self.total = ev.total;
@@ -59,7 +59,7 @@ impl Tally {
     }
 
     /// Where the install is, once the pipeline has said anything.
-    pub fn view(&self) -> Option<TallyView> {
+    pub(crate) fn view(&self) -> Option<TallyView> {
         let done: u64 = self.roles.values().map(|(d, _)| *d).sum();
         let sizes: u64 = self.roles.values().map(|(_, t)| *t).sum();
         Some(TallyView {
@@ -73,7 +73,7 @@ impl Tally {
 
 impl TallyView {
     /// `writing usr`, `verifying root`, `slot disabled`.
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         let phase = phase_word(self.phase);
         if self.role.is_empty() {
             phase.to_string()
@@ -84,7 +84,7 @@ impl TallyView {
 }
 
 /// The phase as a person reads it.
-pub fn phase_word(phase: Phase) -> &'static str {
+pub(crate) fn phase_word(phase: Phase) -> &'static str {
     match phase {
         Phase::Disabled => "slot disabled",
         Phase::Rehashing => "re-hashing",

@@ -16,7 +16,7 @@ use super::{io_err, PublishError};
 
 /// The chunker every party must use for a given [`ChunkParams`]: FastCDC 2020, normalisation
 /// level 1, gear seed 0 (fastcdc's defaults). The agent indexes its seed slot with this too.
-pub fn chunker<R: std::io::Read>(source: R, p: ChunkParams) -> fastcdc::v2020::StreamCDC<R> {
+pub(crate) fn chunker<R: std::io::Read>(source: R, p: ChunkParams) -> fastcdc::v2020::StreamCDC<R> {
     fastcdc::v2020::StreamCDC::new(source, p.min, p.avg, p.max)
 }
 

@@ -18,7 +18,8 @@ use updater_proto::{
     VerifyContext, VerifyError, Wave,
 };
 
-pub use chunked::{chunker, prepare_chunked_image};
+pub(crate) use chunked::chunker;
+pub use chunked::prepare_chunked_image;
 pub use fsutil::{write_atomic, WriteMode};
 pub use image::{prepare_image, prepare_image_level, DEFAULT_ZSTD_LEVEL};
 pub use keys::{generate_key, load_public_key, load_signing_key, GeneratedKey, PublicKeyFile};

@@ -50,7 +50,7 @@ impl RoleSpec {
 }
 
 /// Read a root file without trusting it (to rotate from, or to sign).
-pub fn read_root_envelope(path: &Path) -> Result<(Envelope, Root), PublishError> {
+pub(crate) fn read_root_envelope(path: &Path) -> Result<(Envelope, Root), PublishError> {
     let bytes = fsutil::read_bounded(path, MAX_ROOT_BYTES)?;
     let bad = |e: String| {
         PublishError::Root(RootError::Malformed {

@@ -69,7 +69,7 @@ pub fn record_ops<T>(f: impl FnOnce() -> T) -> (T, Vec<FileOp>) {
 
 /// Replace `path` with `bytes` atomically; the new file gets permission bits `mode`.
 /// The temp file is removed if anything fails before the rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = parent_dir(path);
     let name = path
         .file_name()
@@ -126,7 +126,7 @@ pub fn write_for_loader(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool
 }
 
 /// fsync a directory so a rename or create in it is durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()?;
     note(|| FileOp::FsyncDir {
         dir: dir.to_path_buf(),
@@ -136,7 +136,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Whether a filesystem of this `statfs` type keeps metadata in a journal that a boot
 /// loader does not replay (GRUB's ext2 and XFS readers ignore the journal).
-pub fn journals(fs_type: nix::sys::statfs::FsType) -> bool {
+pub(crate) fn journals(fs_type: nix::sys::statfs::FsType) -> bool {
     use nix::sys::statfs::{EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC};
     // EXT4_SUPER_MAGIC (0xEF53) is shared by ext2/3/4; freezing a journal-less ext2 is
     // harmless (it only syncs).
@@ -204,7 +204,7 @@ mod freeze {
     nix::ioctl_readwrite!(fifreeze, b'X', 119, nix::libc::c_int);
     nix::ioctl_readwrite!(fithaw, b'X', 120, nix::libc::c_int);
 
-    pub fn freeze(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    pub(crate) fn freeze(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
         let fd: BorrowedFd<'_> = fd.as_fd();
         let mut arg: nix::libc::c_int = 0;
         // SAFETY: `fd` is a live descriptor borrowed for the call, and `arg` is a valid,
@@ -212,7 +212,7 @@ mod freeze {
         unsafe { fifreeze(fd.as_raw_fd(), &mut arg) }.map(drop)
     }
 
-    pub fn thaw(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    pub(crate) fn thaw(fd: &impl std::os::fd::AsFd) -> nix::Result<()> {
         let fd: BorrowedFd<'_> = fd.as_fd();
         let mut arg: nix::libc::c_int = 0;
         // SAFETY: as in `freeze`.

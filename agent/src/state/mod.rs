@@ -23,7 +23,7 @@
 pub mod atomic;
 pub mod transition;
 
-pub use transition::{Outcome, Refused, Transition};
+pub(crate) use transition::{Outcome, Transition};
 
 use crate::clock::Timestamp;
 use crate::clock::{Clock, SystemClock};
@@ -38,13 +38,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Schema version this agent writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 /// File name of the record inside the state directory.
-pub const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 /// File name of the install lock inside the state directory.
-pub const LOCK_FILE: &str = "install.lock";
+pub(crate) const LOCK_FILE: &str = "install.lock";
 /// File name of the serial floor record inside the state directory.
-pub const FLOOR_FILE: &str = "floor.json";
+pub(crate) const FLOOR_FILE: &str = "floor.json";
 /// Lock serializing raises of the floor record (check, the daemon and apply may race).
 const FLOOR_LOCK_FILE: &str = "floor.lock";
 /// History entries kept (oldest dropped first).
@@ -157,7 +157,7 @@ pub enum Phase {
 impl Phase {
     /// The phase's name as the state file spells its tag (`staged`, `rolled_back`, ...), also
     /// in metrics and status reports.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Phase::Idle => "idle",
             Phase::Downloading { .. } => "downloading",
@@ -377,7 +377,7 @@ impl State {
 }
 
 /// Where the kernel publishes the id of the current boot.
-pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+pub(crate) const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The current boot's id (recorded in [`Phase::Trial`] to tell "still the trial boot" from
 /// "rebooted since").
@@ -434,7 +434,7 @@ impl StateStore {
     }
 
     /// The same store, stamping with `clock` (the host's).
-    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> StateStore {
+    pub(crate) fn with_clock(mut self, clock: Arc<dyn Clock>) -> StateStore {
         self.clock = clock;
         self
     }
@@ -501,7 +501,7 @@ impl StateStore {
     /// Take one step of the update flow ([`Transition`]): load, check the phase it starts
     /// from, set the next and append its history entry, save, in one atomic write. Refused:
     /// nothing is written. Hold the [`InstallLock`].
-    pub fn transition(&self, t: Transition) -> Result<Outcome, StateError> {
+    pub(crate) fn transition(&self, t: Transition) -> Result<Outcome, StateError> {
         let mut state = self.load()?;
         let name = t.name();
         let out = t.apply(&mut state, self.clock.now())?;
@@ -555,7 +555,7 @@ impl StateStore {
     /// `update-agent state reset`: move the record aside and start afresh, keeping the serial
     /// floor and the denylist (from the old record when it reads, and the floor record) unless
     /// `all`, which also drops the floor record. Hold the [`InstallLock`].
-    pub fn reset(&self, all: bool) -> Result<ResetReport, StateError> {
+    pub(crate) fn reset(&self, all: bool) -> Result<ResetReport, StateError> {
         let old = match self.load() {
             Ok(s) => Some(s),
             Err(StateError::Corrupt { .. }) => None,
@@ -623,7 +623,7 @@ pub struct Floor {
 
 impl Floor {
     /// Highest serial on `channel` (0 if none).
-    pub fn serial(&self, channel: &str) -> u64 {
+    pub(crate) fn serial(&self, channel: &str) -> u64 {
         self.highest_serial.get(channel).copied().unwrap_or(0)
     }
 
@@ -635,7 +635,7 @@ impl Floor {
 
 /// What `state reset` did.
 #[derive(Debug, Clone, Serialize)]
-pub struct ResetReport {
+pub(crate) struct ResetReport {
     /// Where the old record went (`None`: there was none).
     pub moved_to: Option<PathBuf>,
     /// Whether the old record could be read (a corrupt one keeps nothing but the floor).
@@ -645,7 +645,7 @@ pub struct ResetReport {
 }
 
 impl ResetReport {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = match &self.moved_to {
             Some(p) => format!("state record moved aside to {}\n", p.display()),
             None => "there was no state record\n".to_string(),

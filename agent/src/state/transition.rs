@@ -27,7 +27,7 @@ use crate::slot::SlotId;
 
 /// One step of the update flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// `apply`: the target slot's old content is about to be overwritten. Refused while the
     /// other slot (the booted one) is staged or on its trial: it is the only fallback.
     BeginDownload { version: String, target: SlotId },
@@ -98,7 +98,7 @@ pub struct Refused {
 
 /// What a transition found on its way (for the operation's report).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The release the transition was about (the committed or rolled-back slot's).
     pub version: Option<String>,
     /// `RolledBack`: the release in the slot rolled back to.
@@ -117,7 +117,7 @@ fn pending_slot(phase: &Phase) -> Option<SlotId> {
 
 impl Transition {
     /// Its name (in refusals and logs).
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Transition::BeginDownload { .. } => "begin_download",
             Transition::StagingIntent { .. } => "staging_intent",
@@ -132,7 +132,7 @@ impl Transition {
     }
 
     /// Whether `from` allows it; changes nothing.
-    pub fn check(&self, from: &Phase) -> Result<(), Refused> {
+    pub(crate) fn check(&self, from: &Phase) -> Result<(), Refused> {
         let refuse = |why: String| {
             Err(Refused {
                 transition: self.name(),
@@ -209,7 +209,7 @@ impl Transition {
 
     /// Check `state`'s phase, then set the next one and append the history entry (stamped
     /// `at`). Refused: `state` is untouched.
-    pub fn apply(self, state: &mut State, at: Timestamp) -> Result<Outcome, Refused> {
+    pub(crate) fn apply(self, state: &mut State, at: Timestamp) -> Result<Outcome, Refused> {
         self.check(&state.phase)?;
         let entry = |event: HistoryEvent| HistoryEntry {
             at,

@@ -19,14 +19,14 @@ use updater_proto::{
 };
 
 // The error type lives with AgentError (below this module, which uses the host).
-pub use crate::error::TrustError;
+pub(crate) use crate::error::TrustError;
 
 use crate::error::AgentError;
 use crate::fetch::{fetch_manifest, FetchConfig, FetchError, ManifestSource};
 use crate::host::Host;
 
 /// The persisted root, in the state directory.
-pub const ROOT_FILE: &str = "root.json";
+pub(crate) const ROOT_FILE: &str = "root.json";
 /// Format of [`ROOT_FILE`].
 const ROOT_FILE_FORMAT: u32 = 1;
 
@@ -51,7 +51,7 @@ pub enum RootSource {
 
 /// The root a host holds now, and where from.
 #[derive(Debug, Clone)]
-pub struct CurrentRoot {
+pub(crate) struct CurrentRoot {
     pub root: TrustedRoot,
     pub source: RootSource,
 }
@@ -105,7 +105,7 @@ pub fn persist(state_dir: &Path, root: &TrustedRoot) -> Result<(), TrustError> {
 }
 
 /// Read the shipped root named by `[trust] root_file`.
-pub fn load_shipped(path: &Path) -> Result<TrustedRoot, TrustError> {
+pub(crate) fn load_shipped(path: &Path) -> Result<TrustedRoot, TrustError> {
     let bytes = read_bounded(path).map_err(|source| TrustError::Shipped {
         path: path.to_path_buf(),
         source,
@@ -127,7 +127,7 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// The root this host holds: the newer of the persisted and the shipped one; `None` when
 /// it has neither (then `[[trust.keys]]` sign manifests).
-pub fn current(host: &Host) -> Result<Option<CurrentRoot>, TrustError> {
+pub(crate) fn current(host: &Host) -> Result<Option<CurrentRoot>, TrustError> {
     let persisted = load_persisted(host.state.dir())?;
     let shipped = match &host.config.trust.root_file {
         Some(p) => Some(load_shipped(p)?),
@@ -151,7 +151,7 @@ pub fn current(host: &Host) -> Result<Option<CurrentRoot>, TrustError> {
 }
 
 /// Where root `version` is published: `<version>.root.json` beside the manifest.
-pub fn root_location(
+pub(crate) fn root_location(
     manifest: &ManifestSource,
     version: u64,
 ) -> Result<ManifestSource, AgentError> {
@@ -177,7 +177,7 @@ fn is_absent(e: &FetchError) -> bool {
 /// Walk from the held root to the newest published one (persisting each before fetching the
 /// next), then require it to be fresh. Returns the root reached, or `None` for a host
 /// without a root.
-pub async fn refresh(
+pub(crate) async fn refresh(
     host: &Host,
     manifest: &ManifestSource,
     client: &reqwest::Client,
@@ -236,7 +236,7 @@ fn check_fresh(root: &TrustedRoot, now: i64) -> Result<(), TrustError> {
 
 /// The policy manifests are verified with: the held root's manifest role (which must be
 /// fresh), else `[[trust.keys]]` and `[trust] threshold`.
-pub fn manifest_policy(host: &Host) -> Result<TrustPolicy, AgentError> {
+pub(crate) fn manifest_policy(host: &Host) -> Result<TrustPolicy, AgentError> {
     match current(host)? {
         Some(c) => {
             check_fresh(&c.root, host.clock.unix())?;
@@ -268,7 +268,7 @@ pub struct TrustStatus {
 }
 
 /// What plain HTTP exposes: said by `status` and in `docs/security.md`.
-pub const HTTP_EXPOSURE: &str = "plain http: anyone on the path sees which manifest and images \
+pub(crate) const HTTP_EXPOSURE: &str = "plain http: anyone on the path sees which manifest and images \
 this host fetches and its reports (metadata privacy); integrity is not lost, since manifests, \
 roots and images are signed and hashed; a withheld or stale answer (freeze) is bounded by the \
 manifest and root expiry, a slow one by the minimum-throughput guard. Use https to close the first.";
@@ -320,7 +320,7 @@ pub fn status(host: &Host) -> TrustStatus {
 
 impl TrustStatus {
     /// The human form (lines for `status`).
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         match (self.root_version, &self.root_error) {
             (Some(v), err) => {

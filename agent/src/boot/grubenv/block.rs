@@ -181,7 +181,7 @@ impl GrubEnv {
     }
 
     /// Remove `name`, like `grub-editenv unset`.
-    pub fn unset(&mut self, name: &str) {
+    pub(crate) fn unset(&mut self, name: &str) {
         self.lines
             .retain(|l| !matches!(l, Line::Var { name: n, .. } if n == name));
     }

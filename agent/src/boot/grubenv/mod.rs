@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use vars::order_with_first;
 
 /// Largest `max_tries` the backend accepts (one digit keeps grub.cfg ladders short).
-pub const MAX_TRIES_LIMIT: u8 = 9;
+pub(crate) const MAX_TRIES_LIMIT: u8 = 9;
 
 /// Errors reading, parsing or writing an environment block.
 #[derive(Debug, thiserror::Error)]
@@ -150,11 +150,6 @@ impl GrubEnvBoot {
     /// The underlying location (the simulator boots from the same one).
     pub fn location_mut(&mut self) -> &mut EnvLocation {
         &mut self.location
-    }
-
-    /// Read the raw block.
-    pub fn read_env(&self) -> Result<GrubEnv, GrubEnvError> {
-        self.location.read()
     }
 
     /// Read, decode, let `change` edit the block, write it back. `change` sees the decoded

@@ -83,7 +83,7 @@ impl RaucVars {
     }
 
     /// `X_OK` of `slot`.
-    pub fn ok(&self, slot: SlotId) -> bool {
+    pub(crate) fn ok(&self, slot: SlotId) -> bool {
         match slot {
             SlotId::A => self.a_ok,
             SlotId::B => self.b_ok,
@@ -91,7 +91,7 @@ impl RaucVars {
     }
 
     /// `X_TRY` of `slot`.
-    pub fn tries_made(&self, slot: SlotId) -> u32 {
+    pub(crate) fn tries_made(&self, slot: SlotId) -> u32 {
         match slot {
             SlotId::A => self.a_try,
             SlotId::B => self.b_try,
@@ -99,7 +99,7 @@ impl RaucVars {
     }
 
     /// Slots in `ORDER`, first occurrence only, unknown tokens skipped.
-    pub fn slot_order(&self) -> Vec<SlotId> {
+    pub(crate) fn slot_order(&self) -> Vec<SlotId> {
         let mut out = Vec::new();
         for slot in self.order.iter().filter_map(|t| parse_slot(t)) {
             if !out.contains(&slot) {
