@@ -1080,8 +1080,8 @@ async fn download_cannot_run_ahead_of_a_slow_disk_by_more_than_the_channel() {
     .await;
     r.unwrap();
     // In flight at most: the channel, the buffer waiting to enter it, the one the decode stage
-    // holds, its fill buffer, the disk stage's queue slot and the block being written, the
-    // disk stage's write batch of four buffers, and one source chunk.
+    // holds, its fill buffer, the disk stage's queue slot, the four blocks it holds for one
+    // gathered write and the block arriving, and one source chunk.
     let bound = (opts.channel_capacity as u64 + 9) * opts.buffer_size as u64 + chunk as u64;
     assert!(
         max_ahead > 0 && max_ahead <= bound,
@@ -1455,6 +1455,57 @@ fn exercise(mut dev: FileDevice, path: &std::path::Path, read_medium: &dyn Fn() 
             "range {i}: read-back"
         );
     }
+    // Gathered writes: aligned pieces go as one request, anything else piece by piece; the
+    // medium ends up the same either way.
+    for (i, (off, lens, skew)) in VECTORED.into_iter().enumerate() {
+        dev.drop_cache(0, size).unwrap();
+        let pieces: Vec<(Vec<u8>, usize)> = lens
+            .iter()
+            .enumerate()
+            .map(|(j, len)| aligned_noise(*len, skew, 3000 + (i * 10 + j) as u64))
+            .collect();
+        let bufs: Vec<&[u8]> = pieces
+            .iter()
+            .zip(lens)
+            .map(|((v, at), len)| &v[*at..*at + len])
+            .collect();
+        dev.write_vectored_at(&bufs, off).unwrap();
+        dev.flush().unwrap();
+        if let Some(res) = resident_bytes(path) {
+            assert_eq!(res, 0, "gathered {i}: {res} bytes cached");
+        }
+        let mut at = off as usize;
+        for b in &bufs {
+            expect[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
+        assert!(
+            read_medium() == expect,
+            "gathered {i} at {off}: disk differs"
+        );
+    }
+    let past_end = vec![0u8; 8192];
+    let e = dev
+        .write_vectored_at(&[&past_end[..4096], &past_end[4096..]], size - 4096)
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+}
+
+/// Gathered writes: (offset, piece lengths, misalignment of each piece's memory).
+const VECTORED: [(u64, &[usize], usize); 4] = [
+    (8192, &[65536, 262144, 4096], 0),
+    (MIB, &[4096 * 3, 4096 * 5 + 100, 512], 0),
+    (4096 * 7 + 512, &[4096, 8192], 0),
+    (2 * MIB, &[8192, 4096], 1),
+];
+
+/// `len` noise bytes at an address `skew` bytes past a 4096-byte boundary: the buffer and
+/// where they start in it.
+fn aligned_noise(len: usize, skew: usize, seed: u64) -> (Vec<u8>, usize) {
+    let mut v = vec![0u8; len + 8192];
+    let at = v.as_ptr().align_offset(4096) + skew;
+    v[at..at + len].copy_from_slice(&noise(len, seed));
+    (v, at)
 }
 
 /// A noise-filled image file of `len` bytes under `dir`, with nothing of it in the cache.

@@ -29,6 +29,16 @@ pub trait BlockDevice: Send {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write all of `buf` at `offset`.
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Write `bufs` back to back from `offset`: one request where the device can gather
+    /// them (`pwritev`), else one [`BlockDevice::write_at`] each, in order.
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for b in bufs {
+            self.write_at(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Make every completed write durable (fsync / BLKFLSBUF-equivalent).
     fn flush(&mut self) -> io::Result<()>;
     /// A reader of the same medium that bypasses the page cache, for the read-back of
@@ -61,6 +71,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for &mut T {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
     }
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
+    }
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
     }
@@ -81,6 +94,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
+    }
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
     }
     fn flush(&mut self) -> io::Result<()> {
         (**self).flush()
@@ -263,6 +279,29 @@ impl FileDevice {
         Ok(())
     }
 
+    /// One gathered `O_DIRECT` write of aligned buffers (aligned lengths, aligned offset),
+    /// repeated over what a short write left.
+    fn pwritev_direct(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let Some(direct) = self.direct.as_ref() else {
+            return Err(io::Error::other("no O_DIRECT descriptor"));
+        };
+        let mut slices: Vec<io::IoSlice<'_>> = bufs.iter().map(|b| io::IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        let mut at = offset;
+        while !rest.is_empty() {
+            let off = i64::try_from(at).map_err(io::Error::other)?;
+            let n = match nix::sys::uio::pwritev(direct, rest, off) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            };
+            at += n as u64;
+            io::IoSlice::advance_slices(&mut rest, n);
+        }
+        Ok(())
+    }
+
     /// Write a sector-aligned range with `O_DIRECT`, from `buf` when its memory is aligned,
     /// else through the bounce buffer; the first EINVAL switches the device to buffered writes.
     fn write_direct(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -367,6 +406,38 @@ impl BlockDevice for FileDevice {
             self.write_cached(&buf[m..], mid_end)?;
         }
         Ok(())
+    }
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let a = self.sector_size;
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let gather = self.direct.is_some()
+            && bufs.len() > 1
+            && offset % a == 0
+            && offset.checked_add(total).is_some_and(|e| e <= self.size)
+            && bufs
+                .iter()
+                .all(|b| (b.as_ptr() as usize) % a as usize == 0 && b.len() as u64 % a == 0);
+        if !gather {
+            let mut at = offset;
+            for b in bufs {
+                self.write_at(b, at)?;
+                at += b.len() as u64;
+            }
+            return Ok(());
+        }
+        match self.pwritev_direct(bufs, offset) {
+            Err(e) if self.direct_untested && e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                tracing::debug!(path = %self.path.display(), "O_DIRECT write refused; writes are buffered");
+                self.direct = None;
+                self.bounce = None;
+                self.write_vectored_at(bufs, offset)
+            }
+            Err(e) => Err(e),
+            Ok(()) => {
+                self.direct_untested = false;
+                Ok(())
+            }
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
         // One fsync covers both descriptors (same inode) and flushes the device's write cache.

@@ -12,9 +12,9 @@
 //! written (each write is checked against the partition range). The partition tail beyond the
 //! image is left as it is, like RAUC and Bottlerocket: the image carries its own length.
 //!
-//! Memory: at most `channel_capacity + 2` input buffers, three write buffers, a write batch of
-//! four and two read-back buffers of `buffer_size` bytes each, plus the zstd window (`2^zstd_window_log_max`), whatever
-//! the image size. See [`InstallOptions::memory_bound`].
+//! Memory: at most `channel_capacity + 2` input buffers, six write buffers (four of them
+//! held for one gathered device write) and two read-back buffers of `buffer_size` bytes each,
+//! plus the zstd window (`2^zstd_window_log_max`), whatever the image size. See [`InstallOptions::memory_bound`].
 //!
 //! Threads: the download runs as a tokio task (wire hash); a decode stage (zstd, image hash)
 //! and a disk stage (`O_DIRECT` writes, fsync at checkpoints) run on blocking threads joined by a
@@ -240,16 +240,16 @@ impl Default for InstallOptions {
 
 impl InstallOptions {
     /// Upper bound of the pipeline's buffer memory in bytes, independent of image size:
-    /// input buffers (channel + one being filled + one being consumed), three write buffers
-    /// (filling, queued, being written; raw images pass input buffers through instead), the
-    /// disk stage's batch of four buffers (one device write), two read-back buffers, and the
-    /// zstd window plus its block buffers.
+    /// input buffers (channel + one being filled + one being consumed), six write buffers
+    /// (filling, queued, and the disk stage's batch of four gathered into one device write
+    /// without a copy; a raw image passes its input buffers through to the disk stage
+    /// instead, which then holds up to five of them and the decode stage one write buffer),
+    /// two read-back buffers, and the zstd window plus its block buffers.
     pub fn memory_bound(&self) -> u64 {
         let b = self.buffer_size as u64;
         let inputs = (self.channel_capacity as u64 + 2) * b;
         let zstd = (1u64 << self.zstd_window_log_max) + (256 << 10);
-        let batch = writer::WRITE_BATCH_BUFFERS as u64 * b;
-        inputs + 3 * b + batch + 2 * b + zstd
+        inputs + writer::WRITE_BUFFERS as u64 * b + 2 * b + zstd
     }
 }
 
