@@ -490,6 +490,12 @@ fn a_loop_device_is_a_disk_like_its_image() {
         .output()
         .unwrap();
     if !out.status.success() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root and must attach a loop device: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         eprintln!(
             "skipping: cannot attach a loop device (needs root and /dev/loop*): {}",
             String::from_utf8_lossy(&out.stderr)
@@ -599,6 +605,12 @@ fn four_k_sector_disks_work_end_to_end() {
         .output()
         .unwrap();
     if !out.status.success() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI runs as root and must attach a 4K loop device: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         eprintln!(
             "skipping: cannot attach a 4K loop device (needs root and /dev/loop*): {}",
             String::from_utf8_lossy(&out.stderr)
