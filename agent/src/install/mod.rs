@@ -44,7 +44,7 @@ use tracing::{info, info_span, warn, Instrument};
 /// Default size of each pipeline buffer: large sequential writes, few syscalls.
 pub(crate) const DEFAULT_BUFFER_SIZE: usize = 1 << 20;
 /// Default number of buffers in flight between the download task and the writer.
-pub(crate) const DEFAULT_CHANNEL_CAPACITY: usize = 4;
+pub(crate) const DEFAULT_CHANNEL_CAPACITY: usize = 2;
 /// Default distance between durable checkpoints (fsync, then resume record).
 pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 /// Default cap on the zstd window: 2^23 = 8 MiB. Frames needing more are refused, so the
