@@ -235,7 +235,10 @@ qemu_slot_image() {
         <(declare -f make_tree qemu_slot_image qemu_guest_config qemu_initrd) "$KMOD/version" \
         "$QLAB/keys/release.pub" ${LAB_GUEST_HOOK:+"$LAB_GUEST_HOOK"} \
         | sha256sum | cut -c1-16)-$ver-$variant-tries$QEMU_TRIES-$(printf '%s' "$extra" | sha256sum | cut -c1-8)
-    [ -s "$SLOT_IMG" ] && [ "$(cat "$SLOT_IMG.stamp" 2>/dev/null)" = "$stamp" ] && return 0
+    # A published slot's ext4 is gone (qemu_publish); its compressed release is the cache.
+    if [ -s "$SLOT_IMG" ] || [ -s "$QLAB/published/$name/entry.json" ]; then
+        [ "$(cat "$SLOT_IMG.stamp" 2>/dev/null)" = "$stamp" ] && return 0
+    fi
     rm -f "$SLOT_IMG" "$SLOT_IMG.stamp"
     rm -rf "$QLAB/published/$name"
     mkdir -p "$QLAB/slots"
@@ -489,6 +492,9 @@ qemu_publish() {
         "$PUBLISH_BIN" image --input "$img" --out-dir "$pub/out" --role root --compression zstd \
             --entry-out "$pub/entry.json.part" >/dev/null || return 1
         mv "$pub/entry.json.part" "$pub/entry.json"
+        # Only the published release is served from now on; the ext4 (245 MiB used, 19 of
+        # them in a run) would only fill the disk. qemu_slot_image takes the release as its cache.
+        rm -f "$img"
     fi
     cp -a "$pub/out/." "$repo/stable/"
     "$PUBLISH_BIN" manifest --out "$repo/stable/manifest.json.part" --key "$QLAB/keys/release.key" \

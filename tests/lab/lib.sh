@@ -41,6 +41,18 @@ prerequisites() {
     fi
 }
 
+# Free space where the lab builds, printed for the record, and refused below what one run
+# needs at its peak (LAB_MIN_FREE_MIB, docs/lab.md: the cached tree, slot images and
+# published releases, and one scenario's disks, which go once it passed).
+lab_space_ok() {
+    local free need=${LAB_MIN_FREE_MIB:-6144}
+    free=$(df -Pm "$LAB" | awk 'NR == 2 { print $4 }')
+    echo "lab: ${free} MiB free under $LAB (a run needs about ${need} MiB)"
+    [ "$free" -ge "$need" ] && return 0
+    echo "lab: not enough space under $LAB: ${free} MiB free, ${need} MiB needed (free some, or LAB_DIR=elsewhere)" >&2
+    return 1
+}
+
 # The agent for the guest: release build of this checkout (LAB_AGENT_BIN overrides). The guest
 # is Debian bookworm like the CI host, so the dynamically linked binary runs there.
 # update-publish and server-mock (the host side of the QEMU scenarios) come from the same

@@ -38,6 +38,15 @@ for f in "$HERE"/scenarios/*.sh; do
     . "$f"
 done
 
+# A passed scenario's disks and trees go: each guest disk is about 550 MiB, and the
+# whole run kept 9 GiB of them and filled a CI machine's disk (bls-cycle failed with ENOSPC).
+# A failed scenario keeps everything for a look; LAB_KEEP=1 keeps the passed ones too.
+lab_forget_passed() {
+    [ "${LAB_KEEP:-0}" = 1 ] && return 0
+    local q=${1//-/_}
+    rm -rf "${QRUN:?}/$q" "$QRUN/$q".img "$QRUN/$q"-*.img "$QRUN/$q".img.vars "${LAB:?}/trees/$1" "$LAB/trees/$1.img"
+}
+
 main() {
     # A scenario that fails half-way leaves no QEMU or server behind.
     trap 'qemu_end' EXIT
@@ -54,6 +63,7 @@ main() {
     mkdir -p "$LAB"
     build_agent || { echo "FAIL build: cargo build --release -p update-agent failed (see $LAB/build.log)"; exit 1; }
     build_base_tree || { echo "FAIL build: mmdebstrap of the $SUITE tree failed (see $LAB/mmdebstrap.log)"; exit 1; }
+    lab_space_ok || exit 2
     local passed=0 failed=0
     for s in "${scenarios[@]}"; do
         local start end why
@@ -67,6 +77,7 @@ main() {
             end=$(date +%s)
             echo "PASS $s ($((end - start))s)"
             passed=$((passed + 1))
+            lab_forget_passed "$s"
         else
             why=${FAIL_REASON:-scenario returned non-zero}
             echo "FAIL $s: $why"
