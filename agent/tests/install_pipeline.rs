@@ -1637,11 +1637,24 @@ fn loop_device_takes_aligned_and_unaligned_writes_exactly_with_o_direct() {
     result.unwrap();
 }
 
-/// A FileDevice that remembers how far its writes reached and how far the last flush covered.
+/// What a [`Flushes`] device saw.
+#[derive(Default)]
+struct DevLog {
+    /// End of the furthest write.
+    written: u64,
+    /// End covered by the last flush.
+    flushed: u64,
+    /// The end covered by each flush, in order.
+    flushes: Vec<u64>,
+    /// Each `read_at`: offset, end, and the flushed end at that moment.
+    reads: Vec<(u64, u64, u64)>,
+}
+
+/// A FileDevice that remembers how far its writes reached, what each flush covered and
+/// what it was asked to read.
 struct Flushes {
     inner: FileDevice,
-    /// (end of the furthest write, end covered by the last flush)
-    state: Arc<Mutex<(u64, u64)>>,
+    state: Arc<Mutex<DevLog>>,
 }
 
 impl BlockDevice for Flushes {
@@ -1649,18 +1662,25 @@ impl BlockDevice for Flushes {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        {
+            let mut s = self.state.lock().unwrap();
+            let flushed = s.flushed;
+            s.reads.push((offset, offset + buf.len() as u64, flushed));
+        }
         self.inner.read_at(buf, offset)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)?;
         let mut s = self.state.lock().unwrap();
-        s.0 = s.0.max(offset + buf.len() as u64);
+        s.written = s.written.max(offset + buf.len() as u64);
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()?;
         let mut s = self.state.lock().unwrap();
-        s.1 = s.0;
+        s.flushed = s.written;
+        let end = s.written;
+        s.flushes.push(end);
         Ok(())
     }
     fn uncached_reader(&self) -> Option<io::Result<update_agent::disk::UncachedReader>> {
@@ -1670,7 +1690,7 @@ impl BlockDevice for Flushes {
 
 /// Resume records with the flushed end at the moment each was recorded.
 struct DurableSink {
-    state: Arc<Mutex<(u64, u64)>>,
+    state: Arc<Mutex<DevLog>>,
     seen: Vec<(ResumeRecord, u64)>,
 }
 
@@ -1679,7 +1699,7 @@ impl update_agent::install::ResumeSink for DurableSink {
         &mut self,
         rec: &ResumeRecord,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let flushed = self.state.lock().unwrap().1;
+        let flushed = self.state.lock().unwrap().flushed;
         self.seen.push((rec.clone(), flushed));
         Ok(())
     }
@@ -1701,7 +1721,7 @@ async fn install_on_file(
     let dir = tempfile::tempdir().unwrap();
     let path = cold_image(dir.path(), DISK);
     let before = std::fs::read(&path).unwrap();
-    let state = Arc::new(Mutex::new((0, 0)));
+    let state = Arc::new(Mutex::new(DevLog::default()));
     let dev: Arc<Mutex<dyn BlockDevice>> = Arc::new(Mutex::new(Flushes {
         inner: FileDevice::open(&path).unwrap(),
         state: state.clone(),
@@ -1814,4 +1834,78 @@ async fn stage_timings_are_in_the_report_and_its_json() {
         s.decode > std::time::Duration::ZERO && s.hash > std::time::Duration::ZERO,
         "{s:?}"
     );
+}
+
+/// With read-back on, flushed ranges reach the verifier every quarter checkpoint (so only a
+/// quarter is left to read after the last write), it reads nothing the device has not
+/// flushed, and the resume records keep their checkpoint cadence; without read-back the
+/// device is flushed once per checkpoint only.
+#[tokio::test]
+async fn read_back_follows_quarter_checkpoints_of_flushed_bytes() {
+    let image = noise((4 * MIB + 1000) as usize, 77);
+    for readback in [Readback::Device, Readback::Off] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = cold_image(dir.path(), DISK);
+        let state = Arc::new(Mutex::new(DevLog::default()));
+        let dev: Arc<Mutex<dyn BlockDevice>> = Arc::new(Mutex::new(Flushes {
+            inner: FileDevice::open(&path).unwrap(),
+            state: state.clone(),
+        }));
+        let t = raw_target(
+            &image,
+            Box::new(BytesSource::new("mem://root", image.clone(), 65536)),
+        );
+        let mut boot = FakeBoot {
+            log: Log::default(),
+            disabled: Vec::new(),
+        };
+        let mut records: Vec<ResumeRecord> = Vec::new();
+        let opts = small_opts(readback);
+        install(
+            plan(vec![t]),
+            dev,
+            &mut boot,
+            &opts,
+            &mut records,
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+        let cps: Vec<u64> = records.iter().map(|r| r.written).collect();
+        assert_eq!(
+            cps,
+            vec![MIB, 2 * MIB, 3 * MIB, 4 * MIB, image.len() as u64],
+            "{readback:?}"
+        );
+        let s = state.lock().unwrap();
+        let quarter = MIB / 4;
+        let image_flushes: Vec<u64> = s
+            .flushes
+            .iter()
+            .filter(|&&e| e > B_OFF)
+            .map(|e| e - B_OFF)
+            .collect();
+        match readback {
+            Readback::Off => assert_eq!(
+                image_flushes,
+                vec![MIB, 2 * MIB, 3 * MIB, 4 * MIB, image.len() as u64]
+            ),
+            _ => {
+                let want: Vec<u64> = (1..=16)
+                    .map(|i| i * quarter)
+                    .chain([image.len() as u64])
+                    .collect();
+                assert_eq!(image_flushes, want);
+                let reads: Vec<&(u64, u64, u64)> =
+                    s.reads.iter().filter(|r| r.0 >= B_OFF).collect();
+                assert!(!reads.is_empty());
+                for (off, end, flushed) in reads {
+                    assert!(
+                        end <= flushed,
+                        "read {off}..{end} past the flushed end {flushed}"
+                    );
+                }
+            }
+        }
+    }
 }

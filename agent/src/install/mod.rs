@@ -274,8 +274,8 @@ pub enum Phase {
 }
 
 /// One progress report. `done`/`total` are image bytes of the target `role`. `Verifying`
-/// reports interleave with `Writing` ones: each fsynced checkpoint is read back while the
-/// download continues.
+/// reports interleave with `Writing` ones: each fsynced range (a quarter of a checkpoint)
+/// is read back while the download continues.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProgressEvent {
     pub slot: SlotId,

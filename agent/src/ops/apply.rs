@@ -619,10 +619,17 @@ fn plan(
                 image.compressed_size,
                 origin.fetch.clone(),
             )),
-            ManifestSource::File(path) => Box::new(FileSource::new(path, 1 << 20)),
+            ManifestSource::File(path) => {
+                Box::new(FileSource::new(path, crate::install::DEFAULT_BUFFER_SIZE))
+            }
             ManifestSource::Bundle { bundle, name } => {
                 let m = bundle.member(name).map_err(FetchError::from)?;
-                Box::new(FileSource::window(&bundle.path, m.offset, m.size, 1 << 20))
+                Box::new(FileSource::window(
+                    &bundle.path,
+                    m.offset,
+                    m.size,
+                    crate::install::DEFAULT_BUFFER_SIZE,
+                ))
             }
         };
         targets.push(TargetImage {
