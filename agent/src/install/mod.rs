@@ -12,13 +12,14 @@
 //! written (each write is checked against the partition range). The partition tail beyond the
 //! image is left as it is, like RAUC and Bottlerocket: the image carries its own length.
 //!
-//! Memory: at most `channel_capacity + 2` input buffers, six write buffers (four of them
+//! Memory: at most `channel_capacity + 2` input buffers, seven write buffers (four of them
 //! held for one gathered device write) and two read-back buffers of `buffer_size` bytes each,
 //! plus the zstd window (`2^zstd_window_log_max`), whatever the image size. See [`InstallOptions::memory_bound`].
 //!
-//! Threads: the download runs as a tokio task (wire hash); a decode stage (zstd, image hash)
-//! and a disk stage (`O_DIRECT` writes, fsync at checkpoints) run on blocking threads joined by a
-//! one-slot channel; a verifier thread reads back each checkpointed range as soon as it is
+//! Threads: the download runs as a tokio task (wire hash); a decode stage (zstd), a hash stage
+//! (image SHA-256: its own thread for zstd, inline in the decode stage for raw images) and a
+//! disk stage (`O_DIRECT` writes, fsync at checkpoints) run on blocking threads joined by
+//! one-slot channels; a verifier thread reads back each flushed range as soon as it is
 //! fsynced, so the read-back overlaps the download and only the tail is read after the end.
 
 mod readback;
@@ -240,8 +241,8 @@ impl Default for InstallOptions {
 
 impl InstallOptions {
     /// Upper bound of the pipeline's buffer memory in bytes, independent of image size:
-    /// input buffers (channel + one being filled + one being consumed), six write buffers
-    /// (filling, queued, and the disk stage's batch of four gathered into one device write
+    /// input buffers (channel + one being filled + one being consumed), seven write buffers
+    /// (filling, queued, hashing, and the disk stage's batch of four gathered into one device write
     /// without a copy; a raw image passes its input buffers through to the disk stage
     /// instead, which then holds up to five of them and the decode stage one write buffer),
     /// two read-back buffers, and the zstd window plus its block buffers.
