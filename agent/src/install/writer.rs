@@ -137,8 +137,8 @@ struct DiskDone {
 /// the disks measured 4 MiB requests ran 2-3x faster than 1 MiB ones (as `dd bs=4M` does).
 pub(crate) const WRITE_BATCH_BUFFERS: usize = 4;
 /// Write buffers the decode stage may own at once: one filling, one queued for the hash
-/// stage, one being hashed (handed to the disk stage when it takes it), and a batch the disk
-/// stage holds for one gathered write. A raw image's blocks are the input buffers passed
+/// stage, one being hashed or queued for the disk stage, and a batch the disk stage holds
+/// for one gathered write. A raw image's blocks are the input buffers passed
 /// through instead, and then the decode stage allocates at most one of these.
 pub(crate) const WRITE_BUFFERS: usize = WRITE_BATCH_BUFFERS + 3;
 
@@ -387,7 +387,8 @@ fn disk_thread(
 }
 
 /// The decode stage: counts wire bytes, decompresses and cuts the image into blocks for the
-/// hash stage (which hashes them on its own thread and passes them to the disk stage).
+/// hash stage (on its own thread for zstd, inline for raw images), which passes them on to
+/// the disk stage.
 struct Decode<'a> {
     job: &'a Job,
     ev: &'a mpsc::UnboundedSender<Event>,
